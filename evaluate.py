@@ -1,0 +1,61 @@
+"""Scores hyperspectral scenes with RX, LRX, CRD, FERD or FERS.
+
+  python evaluate.py --scenes ../shared/data/scenes --method rx --out out/rx
+  python evaluate.py --scenes SCENES --method ferd --teacher CKPT --bands 100 --out DIR
+  python evaluate.py --scenes SCENES --method fers --teacher CKPT --student CKPT \\
+      --bands 50 --out DIR
+
+Writes DIR/results.json, DIR/maps/<scene>.npy|png and DIR/roc.png.
+"""
+
+import argparse
+import sys
+
+from fers_jax import cli, evaluation
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--scenes", nargs="+", required=True, metavar="PATH",
+                   help="scene files (.mat, .npz, .npy), folders of them, or HAD100 roots")
+    p.add_argument("--method", choices=evaluation.METHODS, default="rx",
+                   help="detector")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--bands", type=int, default=None,
+                   help="use this many bands from --start-band (default: all)")
+    p.add_argument("--start-band", type=int, default=0, help="first band used")
+    p.add_argument("--precision", choices=("float64", "float32"), default="float64",
+                   help="RX arithmetic: float64 is the reference's NumPy RX, float32 "
+                        "its batched torch RX")
+    p.add_argument("--inner", type=int, default=3, help="LRX/CRD inner (guard) window")
+    p.add_argument("--outer", type=int, default=11, help="LRX/CRD outer window")
+    p.add_argument("--lambda", dest="lam", type=float, default=1e-6,
+                   help="CRD regularisation weight")
+    p.add_argument("--teacher", metavar="CKPT", help="FERD/FERS spectral teacher: a "
+                   "folder with convh.pt/enc.pt/pc.pt or a fers_jax Orbax checkpoint")
+    p.add_argument("--student", metavar="CKPT", help="FERS spatial student: a "
+                   "spa_fen.pt or a fers_jax Orbax checkpoint")
+    p.add_argument("--fusion", choices=("auto", "sum", "product"), default="auto",
+                   help="FERS map: auto is sum above 50 bands, product at 50 and below")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="scenes of one size scored in one call")
+    p.add_argument("--sensor", default="aviris_ng", help="sensor folder of a HAD100 root")
+    p.add_argument("--cube-key", help="key of the cube in .mat/.npz files, when ambiguous")
+    p.add_argument("--gt-key", help="key of the mask in .mat/.npz files, when ambiguous")
+    p.add_argument("--export", action="store_true",
+                   help="also write spe_f/spa_f per scene to DIR/features/")
+    p.add_argument("--no-plots", dest="plots", action="store_false",
+                   help="skip the PNG maps and ROC figure")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = evaluation.config_from_args(args)
+    results = evaluation.evaluate(args.scenes, args.out, cfg, progress=not args.quiet)
+    print(evaluation.format_summary(results))
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

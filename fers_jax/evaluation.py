@@ -1,0 +1,238 @@
+"""The evaluation job: scenes in, detection maps, AUCs and a report out.
+
+`evaluate(...)` streams scene files, groups consecutive scenes of one shape
+into batches (a HAD100 test split is one vmapped call per batch), runs the
+chosen detector, scores every map and writes, under `out`:
+
+* results.json: method, bands, device, mean AUC and one entry per scene
+  (name, shape, auc, auc_pd_tau, auc_pf_tau, best F1, seconds,
+  compile_seconds), written atomically;
+* maps/<name>.npy (float32 H x W) and maps/<name>.png (map beside its mask);
+* roc.png, the ROC curves of all scored scenes;
+* features/<name>.npz with spe_f / spa_f when `export` is set (FERD, FERS).
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+import time
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+
+from fers_jax import data, detectors, metrics
+from fers_jax.errors import InputError
+
+CLASSICAL = ("rx", "lrx", "crd")
+LEARNED = ("ferd", "fers")
+METHODS = CLASSICAL + LEARNED
+
+# A detector maps a normalised batch (N, H, W, B) to maps (N, H, W) and a
+# dict of per-image features to export (empty for the classical detectors).
+Detector = Callable[[np.ndarray], Tuple[np.ndarray, Dict[str, np.ndarray]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to run; each field is a command-line option of evaluate.py."""
+    method: str = "rx"
+    bands: Optional[int] = None
+    start_band: int = 0
+    precision: str = "float64"
+    inner: int = 3
+    outer: int = 11
+    lam: float = 1e-6
+    teacher: Optional[str] = None
+    student: Optional[str] = None
+    fusion: str = "auto"
+    batch_size: int = 16
+    sensor: str = "aviris_ng"
+    cube_key: Optional[str] = None
+    gt_key: Optional[str] = None
+    export: bool = False
+    plots: bool = True
+
+
+def build_detector(cfg: EvalConfig) -> Detector:
+    """The detector function for `cfg.method`, compiled lazily per shape."""
+    if cfg.method == "rx":
+        return lambda x: (np.asarray(detectors.rx(x, cfg.precision)), {})
+    if cfg.method == "lrx":
+        return lambda x: (np.asarray(detectors.lrx(x, cfg.inner, cfg.outer)), {})
+    if cfg.method == "crd":
+        return lambda x: (np.asarray(
+            detectors.crd(x, cfg.inner, cfg.outer, cfg.lam)), {})
+    if cfg.method in LEARNED:
+        from fers_jax import inference  # pulls in Flax only when needed
+        return inference.build_detector(cfg)
+    raise InputError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
+
+
+def _batches(files: Sequence[pathlib.Path], cfg: EvalConfig
+             ) -> Iterator[Tuple[List[data.Scene], np.ndarray]]:
+    """Yields runs of consecutive same-shape scenes, at most batch_size each."""
+    run, inputs = [], []
+    for f in files:
+        scene = data.load_scene(f, cfg.cube_key, cfg.gt_key)
+        x = data.prepare(scene, cfg.bands, cfg.start_band)
+        if inputs and (x.shape != inputs[0].shape or len(run) == cfg.batch_size):
+            yield run, np.stack(inputs)
+            run, inputs = [], []
+        run.append(scene)
+        inputs.append(x)
+    if run:
+        yield run, np.stack(inputs)
+
+
+def _timed(detector: Detector, batch: np.ndarray, seen_shapes: set):
+    """Runs the detector; returns outputs, run seconds and compile seconds.
+
+    The first batch of a new shape is run twice: the first call pays tracing
+    and compilation, the second is what every later batch of that shape costs.
+    """
+    def once():
+        start = time.perf_counter()
+        maps, extras = detector(batch)
+        return maps, extras, time.perf_counter() - start
+    key = batch.shape
+    maps, extras, first = once()
+    if key in seen_shapes:
+        return maps, extras, first, 0.0
+    seen_shapes.add(key)
+    maps, extras, second = once()
+    return maps, extras, second, max(first - second, 0.0)
+
+
+def device_description() -> str:
+    dev = jax.devices()[0]
+    return f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)}"
+
+
+def write_json_atomic(path: pathlib.Path, obj) -> None:
+    """Writes JSON through a temporary file and a rename: never half a file."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prepare_out_dir(out) -> pathlib.Path:
+    """Creates the output folder, or says plainly why it cannot be used."""
+    out = pathlib.Path(out)
+    try:
+        (out / "maps").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK) or not os.access(out / "maps", os.W_OK):
+        raise InputError(f"{out}: the output folder is not writable")
+    return out
+
+
+def _unique_name(name: str, taken: set) -> str:
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    taken.add(candidate)
+    return candidate
+
+
+def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
+             progress: bool = True) -> dict:
+    """Runs one method over scenes and writes its results under `out`.
+
+    Returns:
+      The results dict, as written to out/results.json.
+    """
+    files = data.find_scene_files(scene_paths, sensor=cfg.sensor)
+    out = prepare_out_dir(out)
+    detector = build_detector(cfg)
+    seen_shapes, names, rows = set(), set(), []
+    curves = {}
+    bar = _progress(len(files), cfg.method, progress)
+    for scenes, batch in _batches(files, cfg):
+        maps, extras, seconds, compile_s = _timed(detector, batch, seen_shapes)
+        for i, scene in enumerate(scenes):
+            name = _unique_name(scene.name, names)
+            score_map = np.asarray(maps[i], np.float32)
+            row = {"name": name, "shape": list(scene.shape),
+                   **metrics.scene_metrics(maps[i], scene.gt, scene.path),
+                   "seconds": seconds / len(scenes),
+                   "compile_seconds": compile_s if i == 0 else 0.0,
+                   "path": scene.path}
+            rows.append(row)
+            np.save(out / "maps" / f"{name}.npy", score_map)
+            if extras:
+                _export(out, name, {k: v[i] for k, v in extras.items()})
+            if row["auc"] is not None and cfg.plots:
+                curves[name] = metrics.roc_curve(score_map, scene.gt)
+            if cfg.plots:
+                from fers_jax import plots
+                plots.save_map(out / "maps" / f"{name}.png", score_map, scene.gt,
+                               title=f"{name} ({cfg.method})")
+            bar.update(1)
+    bar.close()
+    results = _summary(cfg, rows)
+    if cfg.plots and curves:
+        from fers_jax import plots
+        plots.save_roc(out / "roc.png", curves, title=f"ROC ({cfg.method})")
+    write_json_atomic(out / "results.json", results)
+    return results
+
+
+def _export(out: pathlib.Path, name: str, features: Dict[str, np.ndarray]) -> None:
+    folder = out / "features"
+    folder.mkdir(exist_ok=True)
+    np.savez(folder / f"{name}.npz",
+             **{k: np.asarray(v, np.float32) for k, v in features.items()})
+
+
+def _summary(cfg: EvalConfig, rows: list) -> dict:
+    aucs = [r["auc"] for r in rows if r["auc"] is not None]
+    return {"method": cfg.method, "bands": cfg.bands, "start_band": cfg.start_band,
+            "device": device_description(),
+            "mean_auc": float(np.mean(aucs)) if aucs else None,
+            "scored_scenes": len(aucs),
+            "config": dataclasses.asdict(cfg), "scenes": rows}
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="scene", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def config_from_args(args) -> EvalConfig:
+    """Builds the config from parsed options, checking what argparse cannot."""
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if cfg.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.method in LEARNED and not cfg.teacher:
+        raise InputError(f"--method {cfg.method} needs --teacher CKPT")
+    if cfg.method == "fers" and not cfg.student:
+        raise InputError("--method fers needs --student CKPT")
+    return cfg
+
+
+def format_summary(results: dict) -> str:
+    """A short table for the terminal."""
+    lines = [f"{'scene':<24} {'shape':<16} {'AUC':>8} {'seconds':>9}"]
+    for r in results["scenes"]:
+        auc = f"{r['auc']:.4f}" if r["auc"] is not None else "-"
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['name']:<24} {shape:<16} {auc:>8} {r['seconds']:>9.4f}")
+    mean = results["mean_auc"]
+    lines.append(f"{results['method']} mean AUC: "
+                 + (f"{mean:.4f}" if mean is not None else "- (no scene with a mask)")
+                 + f" on {results['device']}")
+    return "\n".join(lines)

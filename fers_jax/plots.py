@@ -1,0 +1,70 @@
+"""Figures of the evaluation: a map beside its mask, ROC curves, box plots."""
+
+import pathlib
+from typing import Dict, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save_map(path, score_map: np.ndarray, gt: Optional[np.ndarray],
+             title: str = "") -> None:
+    """Writes the detection map (and the ground truth beside it) as a PNG."""
+    panels = 2 if gt is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.2), squeeze=False)
+    axes[0, 0].imshow(score_map, cmap="magma")
+    axes[0, 0].set_title(title or "detection map", fontsize=9)
+    if gt is not None:
+        axes[0, 1].imshow(gt, cmap="gray", vmin=0, vmax=1)
+        axes[0, 1].set_title("ground truth", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(pathlib.Path(path), dpi=100)
+    plt.close(fig)
+
+
+def save_roc(path, curves: Dict[str, tuple], title: str = "ROC") -> None:
+    """Writes the ROC curves {name: (fpr, tpr, thresholds)}, log-scaled FPR."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, (fpr, tpr, _) in curves.items():
+        ax.plot(np.maximum(fpr, 1e-5), tpr, label=name, lw=1.2)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-5, 1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    if len(curves) <= 12:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(pathlib.Path(path), dpi=100)
+    plt.close(fig)
+
+
+def save_boxplots(path, stats: Dict[str, dict], title: str = "") -> None:
+    """Background vs anomaly box plots from `metrics.score_stats` per scene."""
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(stats)), 3.5))
+    boxes, positions, colours = [], [], []
+    for i, (name, s) in enumerate(stats.items()):
+        for j, part in enumerate(("background", "anomaly")):
+            if part not in s:
+                continue
+            b = s[part]
+            boxes.append({"med": b["median"], "q1": b["q1"], "q3": b["q3"],
+                          "whislo": b["whisker_low"], "whishi": b["whisker_high"],
+                          "fliers": [], "label": ""})
+            positions.append(3 * i + j)
+            colours.append("tab:blue" if part == "background" else "tab:red")
+    artists = ax.bxp(boxes, positions=positions, patch_artist=True, showfliers=False)
+    for patch, colour in zip(artists["boxes"], colours):
+        patch.set_facecolor(colour)
+    ax.set_xticks([3 * i + 0.5 for i in range(len(stats))])
+    ax.set_xticklabels(list(stats), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("scaled score")
+    ax.set_title(title or "background (blue) vs anomaly (red)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(pathlib.Path(path), dpi=100)
+    plt.close(fig)
