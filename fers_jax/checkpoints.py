@@ -1,0 +1,205 @@
+"""fers_jax checkpoints: Orbax variables plus a JSON record of the model.
+
+A checkpoint is a folder:
+  variables/      Orbax StandardCheckpointer tree {'params', 'batch_stats'}
+  fers_jax.json   {"format": "fers_jax", "kind": ..., "config_class": ...,
+                   "config": {...}, ...}: which model the variables belong
+                   to, so a loader can refuse the wrong one. It is written
+                   last, so its presence marks a complete checkpoint.
+
+`load_teacher` / `load_student` / `load_frn` / `load_stage1` accept either
+such a folder or the reference's PyTorch files (read through
+fers_jax.torch_io, converted by fers_jax.convert) and return
+(model, variables).
+"""
+
+import json
+import pathlib
+import shutil
+from typing import Optional, Sequence, Union
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fers_jax import configs, convert
+from fers_jax.errors import CheckpointError
+from fers_jax.models import ferd
+
+META_FILE = "fers_jax.json"
+VARIABLES_DIR = "variables"
+FORMAT = "fers_jax"
+FORMAT_VERSION = 1
+
+
+def model_meta(kind: str, config, **extra) -> dict:
+    """The JSON record for variables of `kind` built with `config`."""
+    return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind,
+            "config_class": type(config).__name__,
+            "config": configs.to_dict(config), **extra}
+
+
+def is_checkpoint(path) -> bool:
+    """Whether `path` is a (complete) fers_jax checkpoint folder."""
+    return (pathlib.Path(path) / META_FILE).is_file()
+
+
+def save_variables(path, variables, meta: dict, overwrite: bool = False):
+    """Writes variables and `meta` (see `model_meta`) to the folder `path`.
+
+    Returns the absolute path. Refuses a non-empty folder unless overwrite.
+    """
+    path = pathlib.Path(path).expanduser().resolve()  # Orbax needs absolute
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise CheckpointError(f"{path} exists and is not an empty folder; "
+                                  "pass overwrite to replace it")
+        if not is_checkpoint(path) and path.is_dir():
+            raise CheckpointError(f"{path} is not a fers_jax checkpoint; "
+                                  "refusing to replace it")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tree = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / VARIABLES_DIR, tree)
+        checkpointer.wait_until_finished()
+    (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def read_meta(path) -> dict:
+    path = pathlib.Path(path).expanduser().resolve()
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a fers_jax checkpoint (no "
+                              f"{META_FILE})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / META_FILE} cannot be read: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / META_FILE} is not a fers_jax record")
+    return meta
+
+
+def load_variables(path, expected_kind: Union[str, Sequence[str], None] = None):
+    """Reads a checkpoint written by `save_variables`.
+
+    Args:
+      path: the checkpoint folder.
+      expected_kind: a kind or kinds to accept; others raise.
+
+    Returns:
+      (variables as jax arrays, meta dict).
+    """
+    path = pathlib.Path(path).expanduser().resolve()
+    meta = read_meta(path)
+    if expected_kind is not None:
+        kinds = (expected_kind,) if isinstance(expected_kind, str) else \
+            tuple(expected_kind)
+        if meta.get("kind") not in kinds:
+            raise CheckpointError(
+                f"{path} holds a {meta.get('kind')} checkpoint, not "
+                f"{' or '.join(kinds)}")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.restore(path / VARIABLES_DIR)
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds
+        raise CheckpointError(f"{path}: variables cannot be read "
+                              f"({type(e).__name__}: {e})") from None
+    return jax.tree.map(jnp.asarray, dict(tree)), meta
+
+
+def meta_config(meta: dict, path=""):
+    try:
+        return configs.from_dict(meta["config_class"], meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model record in {META_FILE} "
+                              f"({e})") from None
+
+
+def _check_structure(kind, variables, config, path):
+    """Same tree and shapes as the model of `config` expects."""
+    want = convert.abstract_variables(kind, config)
+    flat_want = {k: tuple(v.shape) for k, v in _flat(want).items()}
+    flat_got = {k: tuple(np.shape(v)) for k, v in _flat(variables).items()}
+    missing = sorted(set(flat_want) - set(flat_got))
+    unexpected = sorted(set(flat_got) - set(flat_want))
+    shapes = sorted(k for k in set(flat_want) & set(flat_got)
+                    if flat_want[k] != flat_got[k])
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{kind} checkpoint {path} does not fit its model: missing "
+            f"{missing}, unexpected {unexpected}, shape mismatches {shapes}")
+
+
+def _flat(tree):
+    return {"/".join(k): v for k, v in
+            flax.traverse_util.flatten_dict(tree).items()}
+
+
+def _load(kind: str, path, bands: Optional[int], config=None,
+          accept_stage1: bool = False):
+    """(config, variables) of `kind` from a fers_jax folder or PyTorch files."""
+    path = pathlib.Path(path).expanduser().resolve()
+    if not path.exists():
+        raise CheckpointError(f"{kind} checkpoint {path} does not exist")
+    if is_checkpoint(path):
+        kinds = (kind, "stage1") if accept_stage1 else (kind,)
+        variables, meta = load_variables(path, expected_kind=kinds)
+        stored = meta_config(meta, path)
+        if bands is not None and stored.bands != bands:
+            raise CheckpointError(f"{kind} checkpoint {path} has {stored.bands} "
+                                  f"bands, the model/scene uses {bands}")
+        _check_structure(meta["kind"], variables, stored, path)
+        if meta["kind"] == "stage1" and kind == "teacher":
+            variables = ferd.teacher_variables(variables, stored)
+        return stored, variables
+    if accept_stage1 and path.is_file():
+        # A PyTorch stage-1 dict of state dicts: keep its FEN part.
+        variables, config = convert.convert_file("stage1", path, bands, config)
+        return config, ferd.teacher_variables(variables, config)
+    variables, config = convert.convert_file(kind, path, bands, config)
+    return config, variables
+
+
+def load_teacher(path, bands: Optional[int] = None, config=None):
+    """The spectral teacher from any of:
+
+    - the published folder with convh.pt, enc.pt, pc.pt;
+    - a PyTorch stage-1 file (dict of state dicts; its FEN part is used);
+    - a fers_jax checkpoint of kind teacher or stage1.
+
+    Args:
+      path: file or folder.
+      bands: the scene's band count; a checkpoint with another is refused.
+      config: only for PyTorch files whose sizes are not the published ones
+        and cannot be read off the keys.
+
+    Returns:
+      (SpectralTeacher, variables): `model.apply(variables, x)['spe_f']`.
+    """
+    config, variables = _load("teacher", path, bands, config, accept_stage1=True)
+    return convert.build("teacher", config), variables
+
+
+def load_student(path, bands: Optional[int] = None, config=None):
+    """The spatial student from spa_fen.pt or a fers_jax checkpoint.
+
+    Returns (SpatialStudent, variables).
+    """
+    config, variables = _load("student", path, bands, config)
+    return convert.build("student", config), variables
+
+
+def load_frn(path, bands: Optional[int] = None, config=None):
+    """The feature restoration net: (FeatureRestorationNet, variables)."""
+    config, variables = _load("frn", path, bands, config)
+    return convert.build("frn", config), variables
+
+
+def load_stage1(path, bands: Optional[int] = None, config=None):
+    """The stage-1 graph: (FerdNet, variables)."""
+    config, variables = _load("stage1", path, bands, config)
+    return convert.build("stage1", config), variables

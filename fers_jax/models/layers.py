@@ -1,0 +1,302 @@
+"""Building blocks shared by the teacher, the student and the stage-1 graph.
+
+Everything is NHWC. Module and parameter names follow the PyTorch reference
+where that keeps the weight conversion (fers_jax.convert) mechanical:
+`conv1`, `bn1`, ..., `downsample_conv` for `downsample.0`, and so on.
+
+PyTorch-compatibility notes that the code relies on:
+- Padding is explicit: flax's 'SAME' pads stride-2 convs as (0, 1) where
+  PyTorch pads (1, 1).
+- `BatchNorm` is PyTorch's: it normalises with the biased batch variance but
+  updates the running variance with the unbiased one (flax's nn.BatchNorm
+  uses the biased one for both, which drifts from the reference in the
+  student's running statistics).
+- The decoder's 2x2 stride-2 transposed convs use flax ConvTranspose with
+  transpose_kernel=True; a PyTorch weight (in, out, kh, kw) then maps to the
+  flax kernel (kh, kw, out, in) by the same permute(2, 3, 1, 0) as a
+  regular conv's OIHW -> HWIO.
+"""
+
+import functools
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# --- Initialisers -----------------------------------------------------------
+
+def symmetric_uniform(limit: float):
+    """uniform(-limit, limit), as torch.nn.init.uniform_(w, -limit, limit)."""
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+    return init
+
+
+def torch_bias_init(fan_in: int):
+    """PyTorch's default conv bias init: uniform(+-1/sqrt(fan_in))."""
+    return symmetric_uniform(1.0 / math.sqrt(fan_in))
+
+
+# PyTorch's default conv weight init, kaiming_uniform(a=sqrt(5)), is
+# uniform(+-1/sqrt(fan_in)); with transpose_kernel=True the flax kernel is
+# (kh, kw, out, in) and PyTorch's fan_in of a transposed conv counts `out`,
+# which is the default in_axis=-2 here too.
+torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# torchvision's ResNet (and RD4AD's OCBE / decoder): kaiming_normal_,
+# mode='fan_out'; jax's "normal" is the untruncated one.
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# SPEC 3.4: Conv2RGB, LightSPP and the restoration net.
+spec_uniform = symmetric_uniform(0.1)
+
+
+# --- Convolutions -----------------------------------------------------------
+
+def _conv(kernel: int, padding: int, features: int, strides: int = 1,
+          use_bias: bool = False, kernel_init=kaiming_fan_out, **kwargs):
+    return nn.Conv(features, (kernel, kernel), strides=strides,
+                   padding=((padding, padding), (padding, padding)),
+                   use_bias=use_bias, kernel_init=kernel_init, **kwargs)
+
+
+conv1x1 = functools.partial(_conv, 1, 0)
+conv3x3 = functools.partial(_conv, 3, 1)
+conv7x7 = functools.partial(_conv, 7, 3)
+
+
+def deconv2x2(features: int, **kwargs):
+    """PyTorch ConvTranspose2d(kernel_size=2, stride=2, bias=False): 2x size."""
+    return nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID",
+                            use_bias=False, transpose_kernel=True,
+                            kernel_init=torch_default_init, **kwargs)
+
+
+def biased_conv1x1(features: int, in_features: int, kernel_init=torch_default_init,
+                   **kwargs):
+    """A 1x1 conv with bias, both initialised the PyTorch way by default."""
+    return nn.Conv(features, (1, 1), padding="VALID", use_bias=True,
+                   kernel_init=kernel_init,
+                   bias_init=torch_bias_init(in_features), **kwargs)
+
+
+def reflect_pad(x, pad: int):
+    """F.pad(x, (pad,) * 4, mode='reflect') on the H and W axes."""
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+
+
+def crop(x, pad: int):
+    """Removes `pad` pixels from every side of H and W."""
+    return x[:, pad:x.shape[1] - pad, pad:x.shape[2] - pad, :]
+
+
+def max_pool3x3(x):
+    """nn.MaxPool2d(3, stride=2, padding=1): padding never wins the max."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+# --- Normalisation ----------------------------------------------------------
+
+class BatchNorm(nn.Module):
+    """PyTorch BatchNorm2d in NHWC with flax's variable names.
+
+    Params `scale`, `bias`; batch_stats `mean`, `var`. In training mode it
+    normalises with the batch mean and biased variance and, outside init,
+    updates the running statistics with momentum (flax convention: 0.9 here
+    is PyTorch's 0.1) using the unbiased variance, as PyTorch does.
+    """
+    use_running_average: bool = True
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axes)
+            # Two-pass variance, as PyTorch: no cancellation for large means.
+            var = jnp.mean(jnp.square(x - mean), axes)
+            if not self.is_initializing():
+                n = x.size // c
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean
+                ra_var.value = m * ra_var.value + (1 - m) * unbiased
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+# --- Residual blocks --------------------------------------------------------
+
+class BasicBlock(nn.Module):
+    """torchvision BasicBlock (ResNet-18/34)."""
+    planes: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = functools.partial(BatchNorm, use_running_average=not train)
+        y = nn.relu(norm(name="bn1")(
+            conv3x3(self.planes, self.strides, name="conv1")(x)))
+        y = norm(name="bn2")(conv3x3(self.planes, name="conv2")(y))
+        if self.strides != 1 or x.shape[-1] != self.planes:
+            x = norm(name="downsample_bn")(
+                conv1x1(self.planes, self.strides, name="downsample_conv")(x))
+        return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+    """torchvision Bottleneck (v1.5: the stride sits on the 3x3 conv).
+
+    With `upsample=True` it is RD4AD's decoder de-bottleneck instead: the
+    3x3 conv becomes a 2x2 stride-2 transposed conv (`deconv2`) and the
+    shortcut a 2x2 stride-2 transposed conv + BN (`upsample_*`), doubling
+    H and W. The same class serves the teacher, the encoder, the OCBE and
+    the decoder.
+    """
+    planes: int
+    strides: int = 1
+    expansion: int = 4
+    width_per_group: int = 64
+    upsample: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = functools.partial(BatchNorm, use_running_average=not train)
+        width = self.planes * self.width_per_group // 64
+        out_features = self.planes * self.expansion
+        y = nn.relu(norm(name="bn1")(conv1x1(width, name="conv1")(x)))
+        if self.upsample:
+            y = deconv2x2(width, name="deconv2")(y)
+        else:
+            y = conv3x3(width, self.strides, name="conv2")(y)
+        y = nn.relu(norm(name="bn2")(y))
+        y = norm(name="bn3")(conv1x1(out_features, name="conv3")(y))
+        if self.upsample:
+            x = norm(name="upsample_bn")(
+                deconv2x2(out_features, name="upsample_conv")(x))
+        elif self.strides != 1 or x.shape[-1] != out_features:
+            x = norm(name="downsample_bn")(
+                conv1x1(out_features, self.strides, name="downsample_conv")(x))
+        return nn.relu(y + x)
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel attention: global mean, 1x1 C -> C//r, ReLU, 1x1 -> C, sigmoid.
+
+    Both convs are bias-free, named after the reference's `fc.0` / `fc.2`.
+    """
+    reduction: int = 8
+    kernel_init: nn.initializers.Initializer = spec_uniform
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.relu(conv1x1(c // self.reduction, kernel_init=self.kernel_init,
+                            name="fc1")(s))
+        s = nn.sigmoid(conv1x1(c, kernel_init=self.kernel_init, name="fc2")(s))
+        return x * s
+
+
+# --- Resampling -------------------------------------------------------------
+
+def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(out, in) averaging weights with PyTorch's adaptive-pool bin edges."""
+    m = np.zeros((size_out, size_in), np.float32)
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)  # ceil
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(out, in) weights of F.interpolate(mode='bilinear', align_corners=False).
+
+    Half-pixel centres, source coordinate clamped at 0, upper neighbour
+    clamped at the last pixel, scale = in / out (an explicit `size`).
+    """
+    m = np.zeros((size_out, size_in), np.float32)
+    scale = size_in / size_out
+    for o in range(size_out):
+        src = max((o + 0.5) * scale - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), size_in - 1)
+        i1 = min(i0 + 1, size_in - 1)
+        lam = src - i0
+        m[o, i0] += 1.0 - lam
+        m[o, i1] += lam
+    return m
+
+
+def _separable(x, mh: np.ndarray, mw: np.ndarray):
+    # Exact float32 sums: parity with the reference at every backend's
+    # default matmul precision.
+    return jnp.einsum("oh,pw,nhwc->nopc", mh, mw, x,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def adaptive_avg_pool(x, size: int):
+    """nn.AdaptiveAvgPool2d(size) in NHWC (static shapes)."""
+    _, h, w, _ = x.shape
+    return _separable(x, adaptive_pool_matrix(h, size),
+                      adaptive_pool_matrix(w, size))
+
+
+def resize_bilinear(x, shape: Sequence[int]):
+    """F.interpolate(x, size=shape, mode='bilinear', align_corners=False).
+
+    Unlike jax.image.resize it never antialiases, so it also matches PyTorch
+    when shrinking.
+    """
+    _, h, w, _ = x.shape
+    return _separable(x, bilinear_matrix(h, shape[0]),
+                      bilinear_matrix(w, shape[1]))
+
+
+# --- Shared heads and encoders ----------------------------------------------
+
+class ResNetStages(nn.Module):
+    """Bottleneck stages of a torchvision (Wide-)ResNet, without the stem.
+
+    Stage i has planes 64 * 2**i, stride 1 for the first stage and 2 after,
+    like torchvision's layer1, layer2, ... Returns every stage's output.
+    Blocks are named `layer{i+1}_{j}` (torchvision's `layer{i+1}.{j}`).
+    """
+    blocks: Sequence[int]
+    expansion: int = 4
+    width_per_group: int = 64
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        outputs = []
+        for i, n in enumerate(self.blocks):
+            for j in range(n):
+                x = Bottleneck(64 * 2 ** i, 2 if (i > 0 and j == 0) else 1,
+                               self.expansion, self.width_per_group,
+                               name=f"layer{i + 1}_{j}")(x, train)
+            outputs.append(x)
+        return outputs
+
+
+class PixelHead(nn.Module):
+    """The reference's Pixel_Classifier feature part: two 1x1 convs + ReLU.
+
+    features -> hidden -> bands, each with bias and ReLU; named `conv1`,
+    `conv2` as in the reference. Its output is the teacher's `spe_f`.
+    """
+    hidden: int
+    bands: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(biased_conv1x1(self.hidden, x.shape[-1], name="conv1")(x))
+        return nn.relu(biased_conv1x1(self.bands, self.hidden, name="conv2")(x))
