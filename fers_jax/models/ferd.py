@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fers_jax.configs import FerdConfig
+from fers_jax.errors import InputError
 from fers_jax.models import layers
 from fers_jax.models.teacher import ConvH, check_bands
 
@@ -77,8 +78,9 @@ class PixelClassifier(nn.Module):
 
     f21 = head(x1), f22 = head(x2); prob = sigmoid(conv3(|f22 - f21|)) where
     mean|x1 - x2| != 0, else 0 (a jnp.where, so it traces under jit).
-    Returns (prob (N, H, W, 1), f21); f21 is the reference's `mixf`, which
-    is also the teacher's spe_f when x1 is the cropped encoder output.
+    Returns {'prob': (N, H, W, 1), 'logits': conv3's output before the
+    sigmoid (never zeroed), 'mixf': f21}; f21 is the reference's `mixf`,
+    which is also the teacher's spe_f when x1 is the cropped encoder output.
     """
     hidden: int
     bands: int
@@ -91,7 +93,7 @@ class PixelClassifier(nn.Module):
             jnp.abs(f22 - f21))
         differ = jnp.mean(jnp.abs(x1 - x2)) != 0
         prob = jnp.where(differ, nn.sigmoid(logits), jnp.zeros_like(logits))
-        return prob, f21
+        return {"prob": prob, "logits": logits, "mixf": f21}
 
 
 class FerdNet(nn.Module):
@@ -102,6 +104,7 @@ class FerdNet(nn.Module):
     dec_f1, dec_f2, dec_f3: decoder outputs paired with enc_f1..3;
     recon: de_ConvH of the cropped dec_f1, (N, H, W, B);
     prob: classifier output (N, H, W, 1), already through a sigmoid;
+    logits: the classifier's conv3 output before that sigmoid;
     mixf: head(enc_f1_cut), the teacher's spe_f (N, H, W, B).
 
     `train` puts OCBE and decoder BatchNorm in batch-statistics mode; the
@@ -116,6 +119,12 @@ class FerdNet(nn.Module):
     def __call__(self, x, train: bool = False):
         cfg = self.config
         check_bands(x, cfg.bands, "stage-1 graph")
+        # Three stride-2 steps (encoder 2, OCBE 1) that the decoder undoes:
+        # other sizes leave encoder and decoder levels of different shapes.
+        if any((n + 2 * cfg.pad) % 8 for n in x.shape[1:3]):
+            raise InputError(
+                f"the stage-1 graph needs H + {2 * cfg.pad} and W + "
+                f"{2 * cfg.pad} divisible by 8; got H, W = {x.shape[1:3]}")
         xp = ConvH(cfg.stem_width, cfg.pad, name="convh")(x)
         a, b, c = layers.ResNetStages(cfg.encoder_blocks, cfg.expansion,
                                       cfg.width_per_group, name="encoder")(
@@ -127,11 +136,11 @@ class FerdNet(nn.Module):
         a_cut, d1_cut = layers.crop(a, cfg.pad), layers.crop(d1, cfg.pad)
         recon = layers.conv1x1(cfg.bands, kernel_init=layers.torch_default_init,
                                name="deconvh")(d1_cut)
-        prob, mixf = PixelClassifier(cfg.head_width, cfg.bands,
+        classified = PixelClassifier(cfg.head_width, cfg.bands,
                                      name="classifier")(a_cut, d1_cut)
         return {"enc_f1": a, "enc_f2": b, "enc_f3": c, "enc_f1_cut": a_cut,
                 "ocbe": z, "dec_f1": d1, "dec_f2": d2, "dec_f3": d3,
-                "recon": recon, "prob": prob, "mixf": mixf}
+                "recon": recon, **classified}
 
 
 def teacher_variables(stage1_variables, config: FerdConfig):
