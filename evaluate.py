@@ -24,9 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bands", type=int, default=None,
                    help="use this many bands from --start-band (default: all)")
     p.add_argument("--start-band", type=int, default=0, help="first band used")
-    p.add_argument("--precision", choices=("float64", "float32"), default="float64",
+    p.add_argument("--precision", choices=("auto", "float64", "float32"),
+                   default="auto",
                    help="RX arithmetic: float64 is the reference's NumPy RX, float32 "
-                        "its batched torch RX")
+                        "its batched torch RX; auto uses float32 on the FERS product "
+                        "path (as the reference) and float64 elsewhere")
     p.add_argument("--inner", type=int, default=3, help="LRX/CRD inner (guard) window")
     p.add_argument("--outer", type=int, default=11, help="LRX/CRD outer window")
     p.add_argument("--lambda", dest="lam", type=float, default=1e-6,

@@ -41,7 +41,7 @@ class EvalConfig:
     method: str = "rx"
     bands: Optional[int] = None
     start_band: int = 0
-    precision: str = "float64"
+    precision: str = "auto"
     inner: int = 3
     outer: int = 11
     lam: float = 1e-6
@@ -56,18 +56,25 @@ class EvalConfig:
     plots: bool = True
 
 
-def build_detector(cfg: EvalConfig) -> Detector:
-    """The detector function for `cfg.method`, compiled lazily per shape."""
+def build_detector(cfg: EvalConfig) -> Tuple[Detector, EvalConfig]:
+    """The detector function for `cfg.method`, compiled lazily per shape.
+
+    Returns the detector and the config with `bands` filled in where a
+    checkpoint decides it.
+    """
     if cfg.method == "rx":
-        return lambda x: (np.asarray(detectors.rx(x, cfg.precision)), {})
+        precision = "float64" if cfg.precision == "auto" else cfg.precision
+        return (lambda x: (np.asarray(detectors.rx(x, precision)), {})), cfg
     if cfg.method == "lrx":
-        return lambda x: (np.asarray(detectors.lrx(x, cfg.inner, cfg.outer)), {})
+        return (lambda x: (np.asarray(
+            detectors.lrx(x, cfg.inner, cfg.outer)), {})), cfg
     if cfg.method == "crd":
-        return lambda x: (np.asarray(
-            detectors.crd(x, cfg.inner, cfg.outer, cfg.lam)), {})
+        return (lambda x: (np.asarray(
+            detectors.crd(x, cfg.inner, cfg.outer, cfg.lam)), {})), cfg
     if cfg.method in LEARNED:
         from fers_jax import inference  # pulls in Flax only when needed
-        return inference.build_detector(cfg)
+        detector, bands = inference.build_detector(cfg)
+        return detector, dataclasses.replace(cfg, bands=bands)
     raise InputError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
 
 
@@ -154,8 +161,8 @@ def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
       The results dict, as written to out/results.json.
     """
     files = data.find_scene_files(scene_paths, sensor=cfg.sensor)
+    detector, cfg = build_detector(cfg)
     out = prepare_out_dir(out)
-    detector = build_detector(cfg)
     seen_shapes, names, rows = set(), set(), []
     curves = {}
     bar = _progress(len(files), cfg.method, progress)
