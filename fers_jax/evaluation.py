@@ -9,6 +9,7 @@ chosen detector, scores every map and writes, under `out`:
   compile_seconds), written atomically;
 * maps/<name>.npy (float32 H x W) and maps/<name>.png (map beside its mask);
 * roc.png, the ROC curves of all scored scenes;
+* report.md and report.html with the table, maps, ROC curves and box plots;
 * features/<name>.npz with spe_f / spa_f when `export` is set (FERD, FERS).
 """
 
@@ -193,6 +194,8 @@ def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
         from fers_jax import plots
         plots.save_roc(out / "roc.png", curves, title=f"ROC ({cfg.method})")
     write_json_atomic(out / "results.json", results)
+    from fers_jax import report
+    report.write_report(out, results)
     return results
 
 
