@@ -100,10 +100,16 @@ def _stage1_names(path):
     return _default_names(path)
 
 
+def _imagenet_names(path):
+    # torchvision's own names, without our `trunk` / `encoder` level.
+    return _default_names(path[1:])
+
+
 def torch_name(kind: str, path: Sequence[str]) -> str:
     """The PyTorch module name of the Flax module at `path` for `kind`."""
     names = {"teacher": _teacher_names, "student": _student_names,
-             "stage1": _stage1_names}.get(kind, _default_names)
+             "stage1": _stage1_names, "resnet34": _imagenet_names,
+             "wrn101": _imagenet_names}.get(kind, _default_names)
     return names(tuple(path))
 
 
@@ -265,7 +271,9 @@ def infer_config(kind: str, sd, source: str = "checkpoint", bands=None):
                       width_per_group=int(conv1.shape[0]),
                       expansion=int(conv3.shape[0]) // 64)
         if kind == "teacher":
-            fields["encoder_blocks"] = (_blocks(sd, "enc.layer1."),)
+            # Later stages are not in a teacher; keep the reference's.
+            default = configs.FerdConfig.encoder_blocks
+            fields["encoder_blocks"] = (_blocks(sd, "enc.layer1."),) + default[1:]
         else:
             fields["encoder_blocks"] = tuple(
                 _blocks(sd, f"encoder.layer{i}.") for i in (1, 2, 3))

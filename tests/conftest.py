@@ -27,3 +27,32 @@ def golden():
         with np.load(GOLDEN / name) as f:
             return {k: f[k] for k in f.files}
     return load
+
+
+def fake_variables(model, *args, seed=0, **kwargs):
+    """Variables for `model.apply(v, *args, **kwargs)` without model.init.
+
+    model.init's PRNG-heavy graph takes XLA on CPU tens of seconds to
+    compile; tests that need only some well-scaled weights fill the
+    abstract shapes with NumPy random numbers instead: kernels
+    uniform(+-1/sqrt(fan_in)), BN scale and running variance in [0.5, 1.5],
+    biases and running means in [-0.1, 0.1].
+    """
+    import flax
+    import jax
+
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), *args, **kwargs))
+    out = {}
+    for path, s in flax.traverse_util.flatten_dict(shapes).items():
+        leaf = path[-1]
+        if leaf == "kernel":
+            bound = 1 / np.sqrt(np.prod(s.shape[:-1]))
+            value = rng.uniform(-bound, bound, s.shape)
+        elif leaf in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, s.shape)
+        else:
+            value = rng.uniform(-0.1, 0.1, s.shape)
+        out[path] = np.asarray(value, s.dtype)
+    return flax.traverse_util.unflatten_dict(out)
