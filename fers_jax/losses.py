@@ -65,7 +65,10 @@ def _standardise_channels(x):
     """
     flat = x.reshape(-1, x.shape[-1])
     centred = flat - jnp.mean(flat, axis=0)
-    std = jnp.std(flat, axis=0, ddof=1)
+    # torch's std backward is 0 where the std is 0 (a dead, all-zero ReLU
+    # channel); jnp.std's is NaN there, which would end training.
+    var = jnp.var(flat, axis=0, ddof=1)
+    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
     return centred / (std + STANDARDISE_EPS)
 
 
