@@ -158,7 +158,15 @@ def _load(kind: str, path, bands: Optional[int], config=None,
         return stored, variables
     if accept_stage1 and path.is_file():
         # A PyTorch stage-1 dict of state dicts: keep its FEN part.
-        variables, config = convert.convert_file("stage1", path, bands, config)
+        sd = convert.read_torch("stage1", path)
+        if "convh.convh.weight" not in sd:
+            raise CheckpointError(
+                f"{kind} checkpoint {path} is neither the published folder "
+                f"({', '.join(convert.TEACHER_FILES.values())}), a stage-1 "
+                "file (encoder, ocbe, decoder, convh, deconvh, classifier) "
+                "nor a fers_jax checkpoint")
+        variables, config = convert.from_torch("stage1", sd, bands, config,
+                                               str(path))
         return config, ferd.teacher_variables(variables, config)
     variables, config = convert.convert_file(kind, path, bands, config)
     return config, variables

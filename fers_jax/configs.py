@@ -130,6 +130,9 @@ def ferd_tiny(bands: int = 20) -> FerdConfig:
                       decoder_blocks=(1, 1, 1))
 
 
+teacher_tiny = ferd_tiny
+
+
 def student(bands: int) -> StudentConfig:
     """The published spatial student sizes."""
     return StudentConfig(bands=bands)

@@ -30,7 +30,7 @@ import argparse
 import os
 import pathlib
 import re
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import flax
 import jax

@@ -83,6 +83,8 @@ def test_teacher_folder_missing_file(tmp_path):
     shutil.copy(CHECKPOINTS / "50bands" / "enc.pt", tmp_path)
     with pytest.raises(CheckpointError, match="has no pc.pt"):
         checkpoints.load_teacher(tmp_path, 50)
+    with pytest.raises(CheckpointError, match="neither the published folder"):
+        checkpoints.load_teacher(tmp_path / "enc.pt", 50)
 
 
 def test_orbax_round_trip(frn_checkpoint):

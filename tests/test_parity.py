@@ -15,8 +15,7 @@ import pytest
 
 from conftest import CHECKPOINTS, GOLDEN
 from fers_jax import checkpoints, convert
-from fers_jax.models import (FeatureRestorationNet, FerdNet, SpatialStudent,
-                             SpectralTeacher, teacher_variables)
+from fers_jax.models import FerdNet, SpectralTeacher, teacher_variables
 
 RTOL = 1e-4
 
