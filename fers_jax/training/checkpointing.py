@@ -1,0 +1,89 @@
+"""Training checkpoints: one Orbax CheckpointManager keeping latest and best.
+
+Each checkpoint `<dir>/<step>/` holds two items:
+  state  the TrainState (step, params, frozen, batch_stats, opt_state);
+  meta   JSON: the input pipeline's position, epoch, the best epoch so far,
+         the task and the run's config.
+Kept: the latest checkpoint and the one with the best selection metric
+(saved with the checkpoints written after validation).
+"""
+
+import pathlib
+from typing import Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from fers_jax.errors import CheckpointError
+from fers_jax.training.state import TrainState
+
+METRIC = "select"  # the key of the selection metric in a checkpoint's metrics
+
+
+class Checkpoints:
+    """Save and restore TrainStates with their metadata.
+
+    Args:
+      directory: where checkpoints go (made absolute; Orbax requires it).
+      keep_best: also keep the checkpoint with the highest metric.
+    """
+
+    def __init__(self, directory, keep_best: bool = True):
+        self.directory = pathlib.Path(directory).expanduser().resolve()
+        keep = [policies.LatestN(1)]
+        if keep_best:
+            keep.append(policies.BestN(
+                get_metric_fn=lambda m: m[METRIC], reverse=False, n=1,
+                keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            # Synchronous: a save is on disk when save() returns, so a signal
+            # or a crash right after it loses nothing.
+            enable_async_checkpointing=False, cleanup_tmp_directories=True,
+            create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self):
+        return list(self.manager.all_steps())
+
+    def save(self, state: TrainState, meta: dict,
+             metric: Optional[float] = None) -> int:
+        """Writes a checkpoint at state.step; `metric` ranks it for 'best'."""
+        step = int(state.step)
+        # Host copies: the next (donating) train step may reuse the buffers.
+        tree = jax.tree.map(lambda a: np.array(a, copy=True), state.to_dict())
+        metrics = None if metric is None else {METRIC: float(metric)}
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics, force=True)
+        self.manager.wait_until_finished()
+        return step
+
+    def restore(self, step: int, like: TrainState) -> Tuple[TrainState, dict]:
+        """The state saved at `step`, in the structure of `like`, and its meta."""
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like.to_dict())
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - Orbax raises many kinds
+            raise CheckpointError(
+                f"{self.directory}/{step}: cannot restore the training state "
+                f"({type(e).__name__}: {e}); was it written by another "
+                f"configuration?") from None
+        return TrainState(**got["state"]), dict(got["meta"])
+
+    def restore_meta(self, step: int) -> dict:
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))
+        return dict(got["meta"])
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,439 @@
+"""The training job: `train_and_evaluate(config)`.
+
+Epoch loop over resumable shuffled batches, one jitted `train_step` per
+batch, per-epoch mAUC on validation / test scenes, Orbax checkpoints
+(latest + best), metrics.jsonl, a progress bar, exact resume, and the
+export of the final and best models as fers_jax checkpoints.
+
+The run folder `out` holds:
+  config.json     the TrainConfig and the task
+  metrics.jsonl   {"kind": "step", "step", "epoch", "loss", <terms>,
+                  "grad_norm", "param_norm", "time"} per logged step and
+                  {"kind": "epoch", "step", "epoch", "val_mauc", "val_auc",
+                  "test_mauc", "test_auc", "best"} per epoch
+  checkpoints/    Orbax: <step>/state and <step>/meta, latest and best
+  final/, best/   fers_jax checkpoints for evaluate.py (stage 1: stage1/
+                  and teacher/; stage 2: student/, frn/, teacher/)
+  summary.json    where everything went, the best epoch
+"""
+
+import contextlib
+import functools
+import json
+import math
+import pathlib
+import signal
+import threading
+import time
+from typing import Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fers_jax import checkpoints as model_checkpoints
+from fers_jax import input_pipeline, metrics
+from fers_jax.evaluation import write_json_atomic
+from fers_jax.errors import FersError, InputError
+from fers_jax.training import checkpointing, stage1, stage2
+from fers_jax.training.config import TrainConfig
+from fers_jax.training.state import (AdamConfig, TrainState, count,
+                                     create_train_state, jit_train_step)
+
+# Settings that must not change when a run is resumed.
+RESUME_FIELDS = ("stage", "bands", "band_start", "model", "batch_size",
+                 "patch_size", "stride", "sensor", "learning_rate", "b1", "b2",
+                 "eps", "trunk_bn", "bce_on_logits")
+
+
+class TrainingError(FersError):
+    """Training cannot go on (a non-finite loss, an unusable run folder)."""
+
+
+def _say(msg: str):
+    from tqdm import tqdm
+    tqdm.write(msg)
+
+
+# --- Keys, data, scenes --------------------------------------------------------
+
+def derive_keys(seed: int):
+    """(init key, data shuffle seed), both from the one PRNG key of `seed`."""
+    init_key, data_key = jax.random.split(jax.random.key(seed))
+    data_seed = int(jax.random.randint(data_key, (), 0, 2 ** 31 - 1))
+    return init_key, data_seed
+
+
+def training_source(cfg: TrainConfig):
+    """The random-access source of training images for cfg.data."""
+    paths = [pathlib.Path(p) for p in cfg.data]
+    if len(paths) == 1 and (paths[0] / "dataset_info.json").is_file():
+        return input_pipeline.tfds_source(paths[0], "train")
+    return input_pipeline.scene_source(paths, size=cfg.patch_size,
+                                       stride=cfg.stride, sensor=cfg.sensor)
+
+
+def eval_scenes(cfg: TrainConfig):
+    """(validation scenes, test scenes) for the per-epoch mAUC."""
+    from fers_jax import data
+    load = functools.partial(input_pipeline.load_eval_scenes, bands=cfg.bands,
+                             band_start=cfg.band_start, sensor=cfg.sensor)
+    test = cfg.test or tuple(p for p in cfg.data
+                             if data.is_had100_root(pathlib.Path(p)))
+    return (load(cfg.val) if cfg.val else [], load(test) if test else [])
+
+
+def selection(cfg: TrainConfig, val: list, test: list) -> str:
+    """Which mAUC picks the best epoch: 'val', 'test' or 'none'."""
+    select = cfg.select or ("val" if val else "test" if test else "none")
+    if select == "val" and not val:
+        raise InputError("--select val needs validation scenes (--val PATH)")
+    if select == "test" and not test:
+        raise InputError("--select test needs test scenes (--test PATH, or a "
+                         "HAD100 root in --data)")
+    return select
+
+
+# --- Task and initial state ------------------------------------------------------
+
+def build_task(cfg: TrainConfig, key, shape):
+    """(task, initial variables) for cfg.stage at cfg.model sizes."""
+    if cfg.imagenet is not None and cfg.model != "full":
+        raise InputError("--imagenet weights fit only --config full (the tiny "
+                         "sizes have no ImageNet counterpart)")
+    if cfg.stage == "stage1":
+        task = stage1.task(cfg.bands, cfg.model, bce_on_logits=cfg.bce_on_logits)
+        variables = task.init_variables(key, shape, cfg.imagenet)
+    else:
+        teacher, teacher_vars = model_checkpoints.load_teacher(cfg.teacher,
+                                                               cfg.bands)
+        task = stage2.task(teacher.config, cfg.model, trunk_bn=cfg.trunk_bn)
+        variables = task.init_variables(key, shape, teacher_vars, cfg.imagenet)
+    if cfg.imagenet is None:
+        what = ("encoder" if cfg.stage == "stage1" else "student trunk")
+        _say(f"WARNING: no --imagenet weights: the frozen {what} "
+             f"({task.pretrained_name}) keeps its random initialisation; the "
+             f"reference uses ImageNet weights")
+    return task, variables
+
+
+# --- Validation --------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _features_fn(task):
+    return jax.jit(task.features)
+
+
+def score_scenes(task, variables, scenes) -> Dict[str, float]:
+    """{scene name: ROC AUC} of the task's detection map on each scene."""
+    features = _features_fn(task)
+    aucs = {}
+    for scene in scenes:
+        x = jnp.asarray(scene.x[None])
+        score_map = task.detection_map(x, features(variables, x))
+        aucs[scene.name] = metrics.roc_auc(np.asarray(score_map[0]), scene.gt,
+                                           scene.name)
+    return aucs
+
+
+def validate(task, state: TrainState, val, test) -> dict:
+    """The per-epoch record's scores: val_mauc, val_auc, test_mauc, test_auc."""
+    variables = state.variables()
+    record = {}
+    for name, scenes in (("val", val), ("test", test)):
+        if scenes:
+            aucs = score_scenes(task, variables, scenes)
+            record[f"{name}_mauc"] = float(np.mean(list(aucs.values())))
+            record[f"{name}_auc"] = aucs
+    return record
+
+
+# --- Metrics file ------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended as training goes.
+
+    Opening it keeps only the records up to `keep_until_step` (what the
+    restored checkpoint had seen), so a resumed run's file reads as if the
+    run had never stopped.
+    """
+
+    def __init__(self, path: pathlib.Path, keep_until_step: int):
+        self.path = path
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if record.get("step", math.inf) <= keep_until_step:
+                    kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(path, "a")
+
+    def write(self, record: dict):
+        self._file.write(json.dumps(_finite_or_none(record)) + "\n")
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# --- Signals -----------------------------------------------------------------------
+
+class StopRequests(contextlib.AbstractContextManager):
+    """Turns SIGINT / SIGTERM into a request to stop at the next step boundary.
+
+    A second signal of the same kind acts as usual (KeyboardInterrupt,
+    termination). Outside the main thread nothing is installed.
+    """
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+# --- The run -----------------------------------------------------------------------
+
+def _prepare_out(cfg: TrainConfig) -> pathlib.Path:
+    out = pathlib.Path(cfg.out).expanduser().resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: cannot create the run folder "
+                         f"({e.strerror})") from None
+    return out
+
+
+def _check_resume(meta: dict, cfg: TrainConfig, where):
+    saved = meta.get("train_config", {})
+    now = cfg.to_dict()
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIELDS
+               if saved.get(k) != now[k]]
+    if meta.get("seed") != cfg.run_seed:
+        changed.append(f"seed: {meta.get('seed')!r} -> {cfg.run_seed!r}")
+    if changed:
+        raise InputError(f"cannot resume from {where}: the run was made with "
+                         f"other settings ({'; '.join(changed)})")
+
+
+def _restore_or_start(cfg, ckpts, state):
+    """(state, meta or None): the latest checkpoint when resuming."""
+    latest = ckpts.latest_step()
+    if latest is not None and not cfg.resume:
+        raise TrainingError(f"{ckpts.directory} already holds checkpoints "
+                            f"(latest step {latest}); pass --resume to "
+                            f"continue that run or choose another --out")
+    if latest is None:
+        if cfg.resume:
+            _say(f"no checkpoint in {ckpts.directory}: starting from step 0")
+        return state, None
+    meta = ckpts.restore_meta(latest)
+    _check_resume(meta, cfg, f"{ckpts.directory}/{latest}")
+    state, meta = ckpts.restore(latest, state)
+    _say(f"resumed from step {latest} (epoch {meta['epoch']}) of "
+         f"{ckpts.directory}")
+    return state, meta
+
+
+class _Run:
+    """What one call of train_and_evaluate holds while it runs."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = _prepare_out(cfg)
+        self.seed = cfg.run_seed
+        init_key, self.data_seed = derive_keys(self.seed)
+        self.source = training_source(cfg)
+        self.val, self.test = eval_scenes(cfg)
+        self.select = selection(cfg, self.val, self.test)
+        probe = input_pipeline.batches(self.source, 1, seed=0, bands=cfg.bands,
+                                       band_start=cfg.band_start, shuffle=False)
+        shape = (1,) + probe.load([0]).shape[1:]
+        probe.close()
+        self.task, variables = build_task(cfg, init_key, shape)
+        self.optimizer = AdamConfig(cfg.learning_rate, cfg.b1, cfg.b2, cfg.eps)
+        self.state = create_train_state(variables, self.task.trainable,
+                                        self.optimizer.build())
+        del variables
+        self.ckpts = checkpointing.Checkpoints(self.out / "checkpoints",
+                                               keep_best=self.select != "none")
+        self.state, meta = _restore_or_start(cfg, self.ckpts, self.state)
+        self.best = meta.get("best") if meta else None
+        self.batches = input_pipeline.batches(
+            self.source, cfg.batch_size, seed=self.data_seed, bands=cfg.bands,
+            band_start=cfg.band_start, state=meta["data"] if meta else None)
+        self.total = cfg.steps or cfg.epochs * self.batches.steps_per_epoch
+        self.log = MetricsLog(self.out / "metrics.jsonl", int(self.state.step))
+        write_json_atomic(self.out / "config.json", self.describe())
+
+    def describe(self) -> dict:
+        return {"train_config": self.cfg.to_dict(), "task": self.task.describe(),
+                "seed": self.seed, "data_seed": self.data_seed,
+                "select": self.select, "out": str(self.out)}
+
+    def meta(self) -> dict:
+        return {**self.describe(), "step": int(self.state.step),
+                "epoch": self.batches.state["epoch"], "data": self.batches.state,
+                "best": self.best}
+
+    def save(self, metric=None):
+        self.ckpts.save(self.state, self.meta(), metric)
+
+    def close(self):
+        self.batches.close()
+        self.log.close()
+        self.ckpts.close()
+
+
+def train_and_evaluate(cfg: TrainConfig) -> dict:
+    """Trains cfg.stage as configured; returns (and writes) the summary.
+
+    Raises TrainingError on a non-finite loss (the checkpoints on disk stay
+    those of the last good steps). SIGINT / SIGTERM save a checkpoint at the
+    next step boundary and return a summary with "interrupted" set.
+    """
+    run = _Run(cfg)
+    try:
+        _announce(run)
+        interrupted = _train(run)
+        if interrupted:
+            summary = {"interrupted": interrupted, "step": int(run.state.step),
+                       "checkpoints": str(run.ckpts.directory)}
+        else:
+            summary = _finish(run)
+    finally:
+        run.close()
+    return summary
+
+
+def _announce(run: _Run):
+    cfg, task = run.cfg, run.task
+    _say(f"{task.name} ({cfg.model}): {len(run.source)} training images, "
+         f"{run.batches.steps_per_epoch} steps of {cfg.batch_size} per epoch, "
+         f"{run.total} steps; seed {run.seed} (data {run.data_seed}); "
+         f"{count(run.state.params):,} trainable and "
+         f"{count(run.state.frozen):,} frozen parameters; best epoch by "
+         f"{run.select} mAUC" + ("" if run.select != "none" else " (none)"))
+
+
+def _train(run: _Run) -> Optional[str]:
+    """The step loop. Returns the signal's name if one stopped it."""
+    from tqdm import tqdm
+    cfg = run.cfg
+    step_fn = jit_train_step(run.task, run.optimizer)
+    start = time.perf_counter()
+    step = int(run.state.step)
+    with StopRequests() as stop, tqdm(
+            total=run.total, initial=min(step, run.total), unit="step",
+            desc=run.task.name, disable=not cfg.progress,
+            dynamic_ncols=True) as bar:
+        while step < run.total:
+            epoch = run.batches.state["epoch"] + 1
+            batch = next(run.batches)
+            run.state, measured = step_fn(run.state, jnp.asarray(batch))
+            measured = _ordered(jax.device_get(measured))
+            if not (math.isfinite(measured["loss"])
+                    and math.isfinite(measured["grad_norm"])):
+                _stop_non_finite(run, step + 1, epoch, measured)
+            step = int(run.state.step)
+            if step % cfg.log_every == 0 or step == run.total:
+                run.log.write({"kind": "step", "step": step, "epoch": epoch,
+                               **measured,
+                               "time": round(time.perf_counter() - start, 3)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{measured['loss']:.4g}", epoch=epoch)
+            epoch_done = run.batches.state["step_in_epoch"] == 0
+            metric = _end_of_epoch(run, step, epoch, bar) if epoch_done else None
+            if (epoch_done or step == run.total or stop.requested
+                    or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                run.save(metric)
+            if stop.requested:
+                _say(f"{stop.requested}: stopped at step {step}; checkpoint "
+                     f"saved in {run.ckpts.directory}; continue with --resume")
+                return stop.requested
+    return None
+
+
+def _ordered(measured) -> dict:
+    """Floats, loss first and the norms last (for reading metrics.jsonl)."""
+    last = ("grad_norm", "param_norm")
+    keys = ["loss"] + sorted(k for k in measured if k not in ("loss",) + last)
+    return {k: float(measured[k]) for k in keys + list(last)}
+
+
+def _stop_non_finite(run: _Run, step: int, epoch: int, measured: dict):
+    run.log.write({"kind": "step", "step": step, "epoch": epoch, **measured,
+                   "non_finite": True})
+    last = run.ckpts.latest_step()
+    kept = (f"the last good checkpoint is step {last} in {run.ckpts.directory}"
+            if last is not None else "no checkpoint had been written yet")
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in measured.items())
+    raise TrainingError(f"non-finite loss at step {step} (epoch {epoch}): "
+                        f"{terms}; training stopped, {kept}")
+
+
+def _end_of_epoch(run: _Run, step: int, epoch: int, bar) -> Optional[float]:
+    """Validation, the epoch record, the best epoch. Returns the metric."""
+    if not (run.val or run.test):
+        return None
+    t0 = time.perf_counter()
+    record = validate(run.task, run.state, run.val, run.test)
+    metric = record.get(f"{run.select}_mauc")
+    improved = metric is not None and (run.best is None
+                                       or metric >= run.best["metric"])
+    if improved:
+        run.best = {"step": step, "epoch": epoch, "metric": metric,
+                    "select": run.select}
+    run.log.write({"kind": "epoch", "step": step, "epoch": epoch, **record,
+                   "best": improved,
+                   "seconds": round(time.perf_counter() - t0, 3)})
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in record.items()
+                       if k.endswith("_mauc"))
+    _say(f"epoch {epoch} (step {step}): {scores}" + (" (best)" if improved else ""))
+    return metric
+
+
+def _finish(run: _Run) -> dict:
+    """Exports the final and best models; writes summary.json."""
+    summary = {"interrupted": None, "step": int(run.state.step),
+               "epoch": run.batches.state["epoch"], "select": run.select,
+               "best": run.best, "checkpoints": str(run.ckpts.directory),
+               "final": run.task.export(run.state.variables(), run.out / "final")}
+    if run.best is not None:
+        state = run.state
+        if run.best["step"] != int(state.step):
+            state, _ = run.ckpts.restore(run.best["step"], run.state)
+        summary["best_export"] = run.task.export(state.variables(),
+                                                 run.out / "best")
+    write_json_atomic(run.out / "summary.json", summary)
+    _say(f"done: step {summary['step']}; final model in {run.out / 'final'}"
+         + (f"; best epoch {run.best['epoch']} ({run.select} mAUC "
+            f"{run.best['metric']:.4f}) in {run.out / 'best'}"
+            if run.best else ""))
+    return summary
