@@ -42,12 +42,16 @@ class FeatureExtractor:
     """The networks of a method with their variables; a jitted forward.
 
     Calling it on x (N, H, W, B) returns {'spe_f': ..., ['spa_f': ...]}.
+    Convolutions run at full float32 precision: on GPUs XLA would otherwise
+    use TF32, which moves features by ~1e-3 and the maps with them.
     """
     bands: int
     forward: Callable
+    matmul_precision: str = "highest"
 
     def __call__(self, x) -> Dict[str, jax.Array]:
-        return self.forward(x)
+        with jax.default_matmul_precision(self.matmul_precision):
+            return self.forward(x)
 
 
 def feature_extractor(teacher_path, student_path: Optional[str] = None,
