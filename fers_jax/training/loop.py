@@ -256,7 +256,7 @@ def _restore_or_start(cfg, ckpts, state):
     meta = ckpts.restore_meta(latest)
     _check_resume(meta, cfg, f"{ckpts.directory}/{latest}")
     state, meta = ckpts.restore(latest, state)
-    _say(f"resumed from step {latest} (epoch {meta['epoch']}) of "
+    _say(f"resumed at step {latest} (epoch {meta['data']['epoch'] + 1}) from "
          f"{ckpts.directory}")
     return state, meta
 
@@ -266,12 +266,12 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.out = _prepare_out(cfg)
         self.seed = cfg.run_seed
         init_key, self.data_seed = derive_keys(self.seed)
         self.source = training_source(cfg)
         self.val, self.test = eval_scenes(cfg)
         self.select = selection(cfg, self.val, self.test)
+        self.out = _prepare_out(cfg)
         probe = input_pipeline.batches(self.source, 1, seed=0, bands=cfg.bands,
                                        band_start=cfg.band_start, shuffle=False)
         shape = (1,) + probe.load([0]).shape[1:]

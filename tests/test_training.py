@@ -1,0 +1,391 @@
+"""Training both stages: golden parity, frozen parts, learning, resume, files.
+
+Tiny configurations throughout (configs.ferd_tiny / student_tiny /
+frn_tiny, 20 bands, 24x24 patches of the shared background scenes, batch
+4), so every run of one stage shares one compiled train step. The stage-2
+teacher is the golden tiny stage-1 file (its FEN part).
+"""
+
+import json
+import math
+import signal
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import evaluate
+from conftest import BACKGROUND, GOLDEN, SCENES
+from fers_jax import checkpoints, convert, data, input_pipeline, losses
+from fers_jax.training import config, loop, stage1, stage2, state
+
+BANDS = 20
+STAGE1_PT = GOLDEN / "stage1_tiny_random_20bands.pt"
+RTOL = 1e-4
+
+
+def flat(tree):
+    return flax.traverse_util.flatten_dict(tree)
+
+
+def host(tree):
+    """A host copy (the jitted step donates its input state)."""
+    return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
+def assert_trees_equal(a, b):
+    """Same structure and bit-identical leaves (tuples and dicts alike)."""
+    fa, ta = jax.tree_util.tree_flatten_with_path(a)
+    fb, tb = jax.tree_util.tree_flatten_with_path(b)
+    assert [jax.tree_util.keystr(k) for k, _ in fa] == \
+        [jax.tree_util.keystr(k) for k, _ in fb]
+    for (k, x), (_, y) in zip(fa, fb):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(k))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    source = input_pipeline.scene_source([BACKGROUND], size=24)
+    with input_pipeline.batches(source, 4, seed=1, bands=BANDS) as b:
+        return jnp.asarray(next(b))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return checkpoints.load_teacher(STAGE1_PT, BANDS)
+
+
+def stage1_state(key=0):
+    task = stage1.task(BANDS, "tiny")
+    variables = task.init_variables(jax.random.key(key), (1, 24, 24, BANDS))
+    return task, state.create_train_state(variables, task.trainable,
+                                          state.AdamConfig().build())
+
+
+def stage2_state(teacher, key=0, **kwargs):
+    model, tv = teacher
+    task = stage2.task(model.config, "tiny", **kwargs)
+    variables = task.init_variables(jax.random.key(key), (1, 24, 24, BANDS), tv)
+    return task, state.create_train_state(variables, task.trainable,
+                                          state.AdamConfig().build())
+
+
+@pytest.fixture(scope="module")
+def scene_crop(tmp_path_factory):
+    """A 32x32 crop of abu-airport-2 holding some of its anomalies."""
+    scene = data.load_scene(SCENES / "abu-airport-2.mat")
+    path = tmp_path_factory.mktemp("crop") / "airport_crop.npz"
+    np.savez(path, data=scene.cube[30:62, 24:56], map=scene.gt[30:62, 24:56])
+    return path
+
+
+# --- Optimiser and partition --------------------------------------------------
+
+def test_adam_is_torch_adam():
+    """optax.adam with these settings takes torch.optim.Adam's steps."""
+    lr, b1, b2, eps = 0.005, 0.5, 0.999, 1e-8
+    tx = state.AdamConfig().build()
+    p = np.array([0.3, -1.0, 2.0], np.float32)
+    grads = [np.array([0.1, -2e-9, 3.0], np.float32),
+             np.array([-0.2, 1e-3, 0.5], np.float32)]
+    opt, params = tx.init(jnp.asarray(p)), jnp.asarray(p)
+    m, v, ref = np.zeros(3), np.zeros(3), p.astype(np.float64)
+    for t, g in enumerate(grads, 1):
+        updates, opt = tx.update(jnp.asarray(g), opt, params)
+        params = params + updates
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g.astype(np.float64) ** 2
+        # torch: p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+        ref = ref - lr / (1 - b1 ** t) * m / (np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps)
+    np.testing.assert_allclose(params, ref, rtol=1e-6)
+
+
+def test_partition_and_what_trains(teacher):
+    task1 = stage1.task(BANDS, "tiny")
+    shapes = convert.abstract_variables("stage1", task1.config)["params"]
+    train, frozen = state.partition(shapes, task1.trainable)
+    assert set(train) == {"convh", "ocbe", "decoder", "deconvh", "classifier"}
+    assert set(train["classifier"]) == {"head", "conv3"}
+    assert set(frozen) == {"encoder"}
+    assert flat(state.merge(train, frozen)).keys() == flat(shapes).keys()
+
+    task2 = stage2.task(teacher[0].config, "tiny")
+    params = jax.eval_shape(lambda: task2.init_variables(
+        jax.random.key(0), (1, 24, 24, BANDS), teacher[1]))["params"]
+    train, frozen = state.partition(params, task2.trainable)
+    assert set(train) == {"student", "frn"}
+    assert set(train["student"]) == {"to_rgb", "spp"}
+    assert set(frozen) == {"teacher", "student"}
+    assert set(frozen["student"]) == {"trunk"}
+
+
+# --- Golden parity ---------------------------------------------------------------
+
+def test_stage1_train_step_golden_parity(golden):
+    """One train step on the golden tiny graph: loss terms and gradients."""
+    g = golden("stage1_tiny_20bands.npz")
+    variables, cfg = convert.convert_file("stage1", STAGE1_PT, BANDS)
+    task = stage1.Stage1(cfg)
+    optimizer = state.AdamConfig()
+    st = state.create_train_state(variables, task.trainable, optimizer.build())
+    frozen_before = host(st.frozen)
+    x = jnp.asarray(g["x"].transpose(0, 2, 3, 1))
+    st, measured = state.jit_train_step(task, optimizer)(st, x)
+    for term in ("bce", "mse", "cos", "loss"):
+        assert abs(float(measured[term]) - g[term]) <= RTOL * abs(g[term]), term
+
+    # Adam's first moment after step 1 is (1 - b1) * grad = grad / 2, exactly
+    # (b1 = 0.5): the gradients the train step took, without another pass.
+    mu = flat(st.opt_state[0].mu)
+    by_torch_name = {f"{convert.torch_name('stage1', k[:-1])}.weight": k
+                     for k in mu if k[-1] == "kernel"}
+    for ref_name, torch_key in (
+            ("grad_convh", "convh.convh.weight"),
+            ("grad_pc_conv1", "classifier.conv1.weight"),
+            ("grad_dec_layer1_0_conv1", "decoder.layer1.0.conv1.weight")):
+        grad = 2 * np.asarray(mu[by_torch_name[torch_key]]).transpose(3, 2, 0, 1)
+        ref = g[ref_name]
+        assert grad.shape == ref.shape, ref_name
+        np.testing.assert_allclose(grad, ref, rtol=RTOL,
+                                   atol=RTOL * np.abs(ref).max(), err_msg=ref_name)
+    assert_trees_equal(frozen_before, st.frozen)
+
+
+def test_stage2_step_loss_is_stage2_loss(teacher, batch):
+    task, st = stage2_state(teacher)
+    spe_f, spa_f, recon, _ = jax.jit(task.forward, static_argnums=2)(
+        st.variables(), batch, True)
+    total, terms = losses.stage2_loss(spe_f, spa_f, recon, batch)
+    _, measured = state.jit_train_step(task, state.AdamConfig())(st, batch)
+    for k, v in {"loss": total, **terms}.items():
+        np.testing.assert_allclose(measured[k], v, rtol=1e-6, err_msg=k)
+
+
+# --- Frozen, learning, NaN guard at the step level -------------------------------
+
+def _run_steps(task, st, batch, n):
+    step = state.jit_train_step(task, state.AdamConfig())
+    history = []
+    for _ in range(n):
+        st, measured = step(st, batch)
+        history.append(float(measured["loss"]))
+    return st, history
+
+
+def test_stage1_frozen_stays_frozen_and_loss_falls(batch):
+    task, st = stage1_state()
+    before = host(st.to_dict())
+    assert "encoder" not in st.opt_state[0].mu  # no Adam state for it
+    st, history = _run_steps(task, st, batch, 20)
+    assert_trees_equal(before["frozen"], st.frozen)
+    assert_trees_equal(before["batch_stats"]["encoder"], st.batch_stats["encoder"])
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                           before["params"], host(st.params))
+    assert all(jax.tree.leaves(changed))  # every trainable leaf moved
+    assert int(st.step) == 20
+    assert np.mean(history[-3:]) < 0.5 * history[0], history
+
+
+def test_stage2_frozen_stays_frozen_and_loss_falls(teacher, batch):
+    task, st = stage2_state(teacher)
+    before = host(st.to_dict())
+    st, history = _run_steps(task, st, batch, 20)
+    assert_trees_equal(before["frozen"], st.frozen)
+    assert_trees_equal(before["batch_stats"]["teacher"], st.batch_stats["teacher"])
+    # The reference's quirk: the frozen trunk's BatchNorm statistics move.
+    trunk_before = before["batch_stats"]["student"]["trunk"]["bn1"]["mean"]
+    assert not np.array_equal(trunk_before,
+                              st.batch_stats["student"]["trunk"]["bn1"]["mean"])
+    assert set(st.opt_state[0].mu) == {"student", "frn"}
+    assert set(st.opt_state[0].mu["student"]) == {"to_rgb", "spp"}
+    assert np.mean(history[-3:]) < 0.5 * history[0], history
+
+
+def test_stage2_trunk_running_statistics_option(teacher, batch):
+    """trunk_bn='running': the student's statistics pass through the loss
+    untouched (read off the traced program, no compilation needed)."""
+    for trunk_bn, untouched in (("running", True), ("batch", False)):
+        task, st = stage2_state(teacher, trunk_bn=trunk_bn)
+        jaxpr = jax.make_jaxpr(task.loss_fn)(st.params, st.frozen,
+                                             st.batch_stats, batch).jaxpr
+        n_in = len(jax.tree.leaves((st.params, st.frozen)))
+        stats_in = jaxpr.invars[n_in:n_in + len(jax.tree.leaves(st.batch_stats))]
+        stats_out = jaxpr.outvars[-len(stats_in):]  # aux = (terms, batch_stats)
+        paths = [jax.tree_util.keystr(k) for k, _ in
+                 jax.tree_util.tree_flatten_with_path(st.batch_stats)[0]]
+        for path, a, b in zip(paths, stats_in, stats_out):
+            if "'teacher'" in path:
+                assert a is b, path
+            elif "'trunk'" in path:
+                assert (a is b) == untouched, (trunk_bn, path)
+            else:  # the restoration net always trains its BatchNorm
+                assert a is not b, path
+
+
+def test_non_finite_step_keeps_the_state(batch):
+    task, st = stage1_state()
+    before = host(st.to_dict())
+    st, measured = state.jit_train_step(task, state.AdamConfig())(
+        st, batch.at[0, 0, 0, 0].set(jnp.nan))
+    assert not math.isfinite(float(measured["loss"]))
+    assert_trees_equal(before, host(st.to_dict()))
+
+
+# --- The loop: resume, signals, NaN, files, evaluate -------------------------------
+
+def tiny_config(stage, out, **kwargs):
+    if stage == "stage2":
+        kwargs.setdefault("teacher", str(STAGE1_PT))
+    return config.tiny(stage, [str(BACKGROUND)], BANDS, str(out), **kwargs)
+
+
+def final_state(out):
+    """(state tree as saved, meta) of the latest checkpoint in run `out`."""
+    import orbax.checkpoint as ocp
+    ckpts = checkpointing_for(out)
+    step = ckpts.latest_step()
+    got = ckpts.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    ckpts.close()
+    return got["state"], got["meta"]
+
+
+def checkpointing_for(out):
+    from fers_jax.training import checkpointing
+    return checkpointing.Checkpoints(out / "checkpoints")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _wrap_step(monkeypatch, at_call, action):
+    """Makes the loop's train step do `action(batch)` before call `at_call`."""
+    real = loop.jit_train_step
+    calls = {"n": 0}
+
+    def wrapped(task, optimizer):
+        step = real(task, optimizer)
+
+        def run(st, batch):
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                batch = action(batch)
+            return step(st, batch)
+        return run
+    monkeypatch.setattr(loop, "jit_train_step", wrapped)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, scene_crop):
+    """12 steps (an epoch is 10) in one go: the reference for resuming."""
+    out = tmp_path_factory.mktemp("straight")
+    summary = loop.train_and_evaluate(tiny_config(
+        "stage1", out, steps=12, val=(str(scene_crop),)))
+    return out, summary
+
+
+def test_resume_is_exact(straight_run, tmp_path):
+    out, _ = straight_run
+    loop.train_and_evaluate(tiny_config("stage1", tmp_path, steps=7))
+    with pytest.raises(loop.TrainingError, match="--resume"):
+        loop.train_and_evaluate(tiny_config("stage1", tmp_path, steps=12))
+    loop.train_and_evaluate(tiny_config("stage1", tmp_path, steps=12, resume=True))
+    want, want_meta = final_state(out)
+    got, got_meta = final_state(tmp_path)
+    assert_trees_equal(want, got)
+    assert got_meta["data"] == want_meta["data"]
+    got = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 13))
+    want = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+def test_sigint_checkpoints_then_resume_is_exact(straight_run, tmp_path,
+                                                 monkeypatch):
+    out, _ = straight_run
+
+    def interrupt(batch):
+        signal.raise_signal(signal.SIGINT)
+        return batch
+    _wrap_step(monkeypatch, 5, interrupt)
+    handler = signal.getsignal(signal.SIGINT)
+    summary = loop.train_and_evaluate(tiny_config("stage1", tmp_path, steps=12))
+    assert summary["interrupted"] == "SIGINT" and summary["step"] == 5
+    assert final_state(tmp_path)[1]["step"] == 5
+    assert signal.getsignal(signal.SIGINT) is handler
+    monkeypatch.undo()
+    loop.train_and_evaluate(tiny_config("stage1", tmp_path, steps=12, resume=True))
+    assert_trees_equal(final_state(out)[0], final_state(tmp_path)[0])
+
+
+def test_resume_refuses_other_settings(straight_run, tmp_path):
+    out, _ = straight_run
+    with pytest.raises(loop.InputError, match="batch_size: 4 -> 2"):
+        loop.train_and_evaluate(tiny_config("stage1", out, steps=14, resume=True,
+                                            batch_size=2))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                  monkeypatch):
+    _wrap_step(monkeypatch, 5, lambda b: b * jnp.nan)
+    with pytest.raises(loop.TrainingError,
+                       match="non-finite loss at step 5 .*last good checkpoint "
+                             "is step 3"):
+        loop.train_and_evaluate(tiny_config("stage1", tmp_path, steps=12,
+                                            checkpoint_every=3))
+    saved, _ = final_state(tmp_path)
+    assert int(saved["step"]) == 3
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(saved))
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert records[-1]["step"] == 5 and records[-1]["non_finite"]
+    assert records[-1]["loss"] is None
+
+
+def test_stage1_run_validates_and_exports_a_teacher(straight_run):
+    out, summary = straight_run
+    (epoch,) = [r for r in read_jsonl(out / "metrics.jsonl")
+                if r["kind"] == "epoch"]
+    assert epoch["step"] == 10 and 0 < epoch["val_mauc"] <= 1
+    assert summary["best"]["step"] == 10
+    saved, _ = final_state(out)
+    want = stage1.task(BANDS, "tiny").teacher(
+        {"params": state.merge(saved["params"], saved["frozen"]),
+         "batch_stats": saved["batch_stats"]})[1]
+    # What evaluate.py --method ferd --teacher <dir> loads, from either export.
+    for kind in ("stage1", "teacher"):
+        assert checkpoints.read_meta(summary["final"][kind])["kind"] == kind
+        _, got = checkpoints.load_teacher(summary["final"][kind], BANDS)
+        np.testing.assert_equal(jax.tree.map(np.asarray, got), want)
+
+
+def test_stage2_run_files_and_evaluate(scene_crop, tmp_path):
+    out = tmp_path / "run"
+    summary = loop.train_and_evaluate(tiny_config(
+        "stage2", out, steps=12, val=(str(scene_crop),)))
+    records = read_jsonl(out / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    for key in ("loss", "cc", "cos", "var", "mse", "ssim", "grad_norm",
+                "param_norm", "epoch"):
+        assert all(isinstance(r[key], (int, float)) for r in steps), key
+    (epoch,) = [r for r in records if r["kind"] == "epoch"]
+    assert epoch["step"] == 10 and epoch["best"]
+    assert set(epoch["val_auc"]) == {"airport_crop"}
+    assert summary["select"] == "val" and summary["best"]["step"] == 10
+    assert sorted(checkpointing_for(out).all_steps()) == [10, 12]
+    for name in ("config.json", "summary.json"):
+        assert (out / name).is_file()
+    for folder in ("final", "best"):
+        for part in ("student", "frn", "teacher"):
+            assert checkpoints.is_checkpoint(out / folder / part)
+
+    evaluate.main(["--scenes", str(scene_crop), "--method", "fers",
+                   "--teacher", str(out / "best" / "teacher"),
+                   "--student", str(out / "best" / "student"),
+                   "--bands", str(BANDS), "--out", str(tmp_path / "eval"),
+                   "--no-plots", "--quiet"])
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    # The same map as the epoch's validation, through evaluate.py's loaders.
+    assert result["mean_auc"] == pytest.approx(epoch["val_mauc"], abs=1e-4)
