@@ -34,16 +34,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lambda", dest="lam", type=float, default=1e-6,
                    help="CRD regularisation weight")
     p.add_argument("--teacher", metavar="CKPT", help="FERD/FERS spectral teacher: a "
-                   "folder with convh.pt/enc.pt/pc.pt or a fers_jax Orbax checkpoint")
+                   "folder with convh.pt/enc.pt/pc.pt or a fers_jax Orbax checkpoint "
+                   "(required by ferd and fers)")
     p.add_argument("--student", metavar="CKPT", help="FERS spatial student: a "
-                   "spa_fen.pt or a fers_jax Orbax checkpoint")
+                   "spa_fen.pt or a fers_jax Orbax checkpoint (required by fers)")
     p.add_argument("--fusion", choices=("auto", "sum", "product"), default="auto",
                    help="FERS map: auto is sum above 50 bands, product at 50 and below")
     p.add_argument("--batch-size", type=int, default=16,
                    help="scenes of one size scored in one call")
     p.add_argument("--sensor", default="aviris_ng", help="sensor folder of a HAD100 root")
-    p.add_argument("--cube-key", help="key of the cube in .mat/.npz files, when ambiguous")
-    p.add_argument("--gt-key", help="key of the mask in .mat/.npz files, when ambiguous")
+    p.add_argument("--cube-key", help="key of the cube in .mat/.npz files, when ambiguous "
+                   "(default: found by name, else the only 3-D array)")
+    p.add_argument("--gt-key", help="key of the mask in .mat/.npz files, when ambiguous "
+                   "(default: found by name, else the only 2-D array)")
     p.add_argument("--export", action="store_true",
                    help="also write spe_f/spa_f per scene to DIR/features/")
     p.add_argument("--no-plots", dest="plots", action="store_false",

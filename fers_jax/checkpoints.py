@@ -60,7 +60,11 @@ def save_variables(path, variables, meta: dict, overwrite: bool = False):
             raise CheckpointError(f"{path} is not a fers_jax checkpoint; "
                                   "refusing to replace it")
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot create the checkpoint folder "
+                              f"({e.strerror})") from None
     tree = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / VARIABLES_DIR, tree)
@@ -142,6 +146,8 @@ def _flat(tree):
 def _load(kind: str, path, bands: Optional[int], config=None,
           accept_stage1: bool = False):
     """(config, variables) of `kind` from a fers_jax folder or PyTorch files."""
+    if path is None or str(path) == "":
+        raise CheckpointError(f"no {kind} checkpoint given")
     path = pathlib.Path(path).expanduser().resolve()
     if not path.exists():
         raise CheckpointError(f"{kind} checkpoint {path} does not exist")

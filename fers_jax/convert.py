@@ -364,16 +364,24 @@ def convert_file(kind: str, src, bands: Optional[int] = None, config=None):
 
 def main(argv=None):
     from fers_jax import checkpoints  # saving needs orbax, converting does not
+    from fers_jax.cli import HelpFormatter
     parser = argparse.ArgumentParser(
         prog="python -m fers_jax.convert",
         description=__doc__.split("\n\n")[0] + "\nWrites an Orbax checkpoint.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("src", help="PyTorch file (teacher: its folder)")
-    parser.add_argument("--kind", required=True, choices=KINDS)
+    parser.add_argument("--kind", required=True, choices=KINDS,
+                        help="which model the file holds: teacher (the folder "
+                             "with convh.pt/enc.pt/pc.pt), student (spa_fen.pt), "
+                             "frn, stage1, or the ImageNet backbones resnet34 "
+                             "(student trunk) and wrn101 (stage-1 encoder)")
     parser.add_argument("--bands", type=int, default=None,
-                        help="refuse a checkpoint with another band count")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true")
+                        help="refuse a checkpoint with another band count "
+                             "(default: accept the checkpoint's)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (a fers_jax checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing fers_jax checkpoint at --out")
     args = parser.parse_args(argv)
     variables, config = convert_file(args.kind, args.src, args.bands)
     out = checkpoints.save_variables(

@@ -84,11 +84,31 @@ def _read_mat(path: pathlib.Path) -> dict:
         raise InputError(f"{path}: not a readable MATLAB v7.3 file ({e})") from None
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _magic(path: pathlib.Path, n: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+
+
 def _read_arrays(path: pathlib.Path) -> dict:
     """Reads every array of a .mat/.npz/.npy file into a dict."""
     suffix = path.suffix.lower()
     if suffix == ".mat":
         return _read_mat(path)
+    # np.load tells formats apart by their first bytes and takes anything
+    # else for a pickle ("contains pickled (object) data"), which misleads
+    # about a damaged file: the header is checked here first.
+    if suffix == ".npz" and not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a readable .npz file (not a zip "
+                         "archive: truncated, damaged or not saved by NumPy)")
+    if suffix == ".npy" and _magic(path, len(NPY_MAGIC)) != NPY_MAGIC:
+        raise InputError(f"{path}: not a readable .npy file (no NumPy .npy "
+                         "header: damaged or another format)")
     try:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
@@ -115,11 +135,21 @@ def read_png_mask(path) -> np.ndarray:
 
 
 def _had100_mask_path(path: pathlib.Path) -> Optional[pathlib.Path]:
-    """`<root>/<split>/<sensor>/<stem>.npy` -> `<root>/ground_truth/<sensor>/<stem>.png`."""
+    """`<root>/<split>/<sensor>/<stem>.npy` -> `<root>/ground_truth/<sensor>/<stem>.png`.
+
+    Every test image of a HAD100 root has a mask: for those the path is
+    returned even when the PNG is missing, so that loading says so instead
+    of scoring nothing. Train images (anomaly-free) get theirs if present.
+    """
     if len(path.parents) < 3:
         return None
-    candidate = path.parents[2] / "ground_truth" / path.parent.name / (path.stem + ".png")
-    return candidate if candidate.exists() else None
+    root = path.parents[2]
+    candidate = root / "ground_truth" / path.parent.name / (path.stem + ".png")
+    if candidate.exists():
+        return candidate
+    if path.parents[1].name == "test" and is_had100_root(root):
+        return candidate
+    return None
 
 
 def check_cube(cube: np.ndarray, where) -> np.ndarray:
@@ -140,16 +170,30 @@ def check_cube(cube: np.ndarray, where) -> np.ndarray:
 
 
 def check_mask(gt: np.ndarray, shape_hw, where) -> np.ndarray:
-    """Returns the mask as uint8 {0, 1} after checking its shape."""
+    """Returns the mask as uint8 {0, 1} after checking it.
+
+    Any value > 0 marks an anomaly pixel, 0 background: 0/1 masks, 0/255
+    images and label maps (1, 2, ... for several targets) all work, and so
+    does a boolean mask. Negative values have no agreed meaning (some tools
+    use -1 for "unlabelled") and are refused, as are NaN/Inf, non-numbers
+    and a shape other than the cube's (H, W); an (H, W, 1) mask is accepted.
+    """
     gt = np.asarray(gt)
     if gt.ndim == 3 and gt.shape[-1] == 1:
         gt = gt[..., 0]
     if gt.shape != tuple(shape_hw):
         raise InputError(f"{where}: the mask is {gt.shape} but the cube is "
                          f"{tuple(shape_hw)} pixels")
+    if gt.dtype != bool and (not np.issubdtype(gt.dtype, np.number)
+                             or np.iscomplexobj(gt)):
+        raise InputError(f"{where}: the mask holds {gt.dtype}, not numbers "
+                         "(0 = background, > 0 = anomaly)")
     if not np.all(np.isfinite(gt.astype(np.float64))):
         raise InputError(f"{where}: the mask has NaN or Inf values")
-    return (gt == 1).astype(np.uint8) if gt.max(initial=0) <= 1 else (gt > 0).astype(np.uint8)
+    if gt.dtype != bool and gt.min(initial=0) < 0:
+        raise InputError(f"{where}: the mask has negative values (min "
+                         f"{gt.min()}); expected 0 = background, > 0 = anomaly")
+    return (gt > 0).astype(np.uint8)
 
 
 def load_scene(path, cube_key: Optional[str] = None,
@@ -165,6 +209,9 @@ def load_scene(path, cube_key: Optional[str] = None,
       The Scene; `gt` is None when the file has no mask.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a scene file (find_scene_files "
+                         "or load_scenes expand folders)")
     if not path.is_file():
         raise InputError(f"{path}: scene file not found")
     arrays = _read_arrays(path)
@@ -178,6 +225,9 @@ def load_scene(path, cube_key: Optional[str] = None,
     if gt_name is not None:
         gt = check_mask(rest[gt_name], cube.shape[:2], f"{path} [{gt_name}]")
     elif (png := _had100_mask_path(path)) is not None:
+        if not png.is_file():
+            raise InputError(f"{path}: HAD100 test image without its "
+                             f"ground-truth PNG {png}")
         gt = check_mask(read_png_mask(png), cube.shape[:2], png)
     else:
         gt = None

@@ -32,11 +32,29 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes on accelerators
 
 
 def as_batch(cube, where="cube"):
-    """Returns (batch (N, H, W, B), whether the input was a single image)."""
+    """Returns (batch (N, H, W, B), whether the input was a single image).
+
+    Refuses other ranks, non-numeric data and (for concrete arrays, not
+    inside a caller's jit) NaN or Inf: every detector would turn one
+    non-finite value into a map of NaN without a word.
+    """
     ndim = np.ndim(cube)
     if ndim not in (3, 4):
         raise InputError(f"{where}: expected (H, W, B) or (N, H, W, B), got "
                          f"shape {np.shape(cube)}")
+    if not isinstance(cube, (np.ndarray, jax.Array)):
+        cube = np.asarray(cube)
+    if not (jnp.issubdtype(cube.dtype, jnp.floating)
+            or jnp.issubdtype(cube.dtype, jnp.integer)):
+        raise InputError(f"{where}: the cube holds {cube.dtype}, not real "
+                         "numbers")
+    if not isinstance(cube, jax.core.Tracer):
+        finite = (np.isfinite(cube).all() if isinstance(cube, np.ndarray)
+                  else jnp.isfinite(cube).all())
+        if not bool(finite):
+            bad = int(np.size(cube) - np.count_nonzero(np.isfinite(np.asarray(cube))))
+            raise InputError(f"{where}: the cube has {bad} NaN or Inf values; "
+                             "the detectors need finite numbers")
     return (cube[None], True) if ndim == 3 else (cube, False)
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import tempfile
 import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -145,7 +146,25 @@ def prepare_out_dir(out) -> pathlib.Path:
     return out
 
 
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+def safe_name(name) -> str:
+    """A scene name made into one plain file name inside the output folder.
+
+    Names become maps/<name>.npy|png and features/<name>.npz, and they can
+    come from data (a dataset's stored names, a `Scene` built in code), so
+    path separators and control characters become '_' and leading dots go:
+    no name reaches outside `out`, none is hidden, '.' or '..'. Other
+    characters (accents, CJK) are kept; the name is cut to 200 UTF-8 bytes.
+    """
+    name = _UNSAFE_CHARS.sub("_", str(name)).strip().lstrip(".")
+    name = name.encode("utf-8")[:200].decode("utf-8", "ignore")
+    return name or "scene"
+
+
 def _unique_name(name: str, taken: set) -> str:
+    name = safe_name(name)
     candidate, k = name, 1
     while candidate in taken:
         k += 1
@@ -166,29 +185,35 @@ def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
     out = prepare_out_dir(out)
     seen_shapes, names, rows = set(), set(), []
     curves = {}
-    bar = _progress(len(files), cfg.method, progress)
-    for scenes, batch in _batches(files, cfg):
-        maps, extras, seconds, compile_s = _timed(detector, batch, seen_shapes)
-        for i, scene in enumerate(scenes):
-            name = _unique_name(scene.name, names)
-            score_map = np.asarray(maps[i], np.float32)
-            row = {"name": name, "shape": list(scene.shape),
-                   **metrics.scene_metrics(maps[i], scene.gt, scene.path),
-                   "seconds": seconds / len(scenes),
-                   "compile_seconds": compile_s if i == 0 else 0.0,
-                   "path": scene.path}
-            rows.append(row)
-            np.save(out / "maps" / f"{name}.npy", score_map)
-            if extras:
-                _export(out, name, {k: v[i] for k, v in extras.items()})
-            if row["auc"] is not None and cfg.plots:
-                curves[name] = metrics.roc_curve(score_map, scene.gt)
-            if cfg.plots:
-                from fers_jax import plots
-                plots.save_map(out / "maps" / f"{name}.png", score_map, scene.gt,
-                               title=f"{name} ({cfg.method})")
-            bar.update(1)
-    bar.close()
+    # As a context: a failure mid-run closes the bar first, so that the
+    # error is printed on a line of its own.
+    with _progress(len(files), cfg.method, progress) as bar:
+        for scenes, batch in _batches(files, cfg):
+            try:
+                maps, extras, seconds, compile_s = _timed(detector, batch,
+                                                          seen_shapes)
+            except InputError as e:  # e.g. a window larger than this scene
+                more = f" (and {len(scenes) - 1} more)" if len(scenes) > 1 else ""
+                raise InputError(f"{scenes[0].path}{more}: {e}") from None
+            for i, scene in enumerate(scenes):
+                name = _unique_name(scene.name, names)
+                score_map = np.asarray(maps[i], np.float32)
+                row = {"name": name, "shape": list(scene.shape),
+                       **metrics.scene_metrics(maps[i], scene.gt, scene.path),
+                       "seconds": seconds / len(scenes),
+                       "compile_seconds": compile_s if i == 0 else 0.0,
+                       "path": scene.path}
+                rows.append(row)
+                np.save(out / "maps" / f"{name}.npy", score_map)
+                if extras:
+                    _export(out, name, {k: v[i] for k, v in extras.items()})
+                if row["auc"] is not None and cfg.plots:
+                    curves[name] = metrics.roc_curve(score_map, scene.gt)
+                if cfg.plots:
+                    from fers_jax import plots
+                    plots.save_map(out / "maps" / f"{name}.png", score_map, scene.gt,
+                                   title=f"{name} ({cfg.method})")
+                bar.update(1)
     results = _summary(cfg, rows)
     if cfg.plots and curves:
         from fers_jax import plots

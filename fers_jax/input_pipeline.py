@@ -270,7 +270,10 @@ def _image_of(item: Any, i: int):
         name = item.get("name")
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
-        return item["image"], f"example {i}" + (f" ({name})" if name else "")
+        where = f"example {i}" + (f" ({name})" if name else "")
+        if item.get("path"):  # the file it was cut from (scene_source)
+            where = f"{item['path']}: {where}"
+        return item["image"], where
     return item, f"example {i}"
 
 

@@ -15,11 +15,22 @@ from fers_jax.errors import InputError
 
 
 def _flat(score_map, gt, where="map"):
-    scores = np.asarray(score_map, np.float64).ravel()
-    labels = np.asarray(gt).ravel() == 1
-    if scores.shape != labels.shape:
-        raise InputError(f"{where}: map has {scores.size} pixels, mask "
-                         f"{labels.size}")
+    if gt is None:
+        raise InputError(f"{where}: no ground-truth mask to score the map "
+                         "against")
+    scores = np.asarray(score_map)
+    labels = np.asarray(gt)
+    # Flat vectors of equal size pair up; 2-D arrays must agree in shape (a
+    # transposed mask has the right size and the wrong pixels).
+    if scores.size != labels.size or (scores.shape != labels.shape
+                                      and min(scores.ndim, labels.ndim) > 1):
+        raise InputError(f"{where}: the map is {scores.shape} but the mask "
+                         f"is {labels.shape}")
+    if not np.issubdtype(scores.dtype, np.number) or np.iscomplexobj(scores):
+        raise InputError(f"{where}: the detection map holds {scores.dtype}, "
+                         "not real numbers")
+    scores = scores.astype(np.float64).ravel()
+    labels = labels.ravel() == 1
     if not np.all(np.isfinite(scores)):
         raise InputError(f"{where}: the detection map has NaN or Inf values")
     return scores, labels

@@ -78,7 +78,8 @@ class PatchSource:
     """Background patches of scenes, held in memory, as a random-access source.
 
     `len(source)` patches; `source[i]` is {'image': (size, size, B) float32
-    as stored (not normalised), 'name': '<scene>_y<y>_x<x>'}. Patches are
+    as stored (not normalised), 'name': '<scene>_y<y>_x<x>', 'path': the
+    scene file, for messages}. Patches are
     views of the scene cubes, so memory stays at the size of the scenes.
 
     Args:
@@ -119,4 +120,5 @@ class PatchSource:
         k, y, x = self.index[i]
         s = self.size
         return {"image": self.cubes[k][y:y + s, x:x + s],
-                "name": f"{self.scenes[k].name}_y{y:04d}_x{x:04d}"}
+                "name": f"{self.scenes[k].name}_y{y:04d}_x{x:04d}",
+                "path": self.scenes[k].path}

@@ -66,7 +66,20 @@ def write_layout(scenes: Iterable, out, size: int = 64,
     if split not in SPLIT_RULES:
         raise InputError(f"split must be one of {SPLIT_RULES}, got {split!r}")
     size, stride = crops.check_size_stride(size, stride)
+    if (not sensor or sensor in (".", "..") or "/" in sensor or "\\" in sensor
+            or "\0" in sensor):
+        # It becomes a folder under `out`: no way out of it.
+        raise InputError(f"sensor {sensor!r} must be a plain folder name")
     out = pathlib.Path(out)
+    try:
+        return _write(scenes, out, size, stride, sensor, bands, band_start,
+                      split)
+    except OSError as e:
+        raise InputError(f"{e.filename or out}: cannot write the layout "
+                         f"({e.strerror})") from None
+
+
+def _write(scenes, out, size, stride, sensor, bands, band_start, split):
     dirs = {s: out / s / sensor for s in ("train", "test")}
     dirs["gt"] = out / "ground_truth" / sensor
     written = {"train": [], "test": []}
@@ -98,20 +111,23 @@ def write_layout(scenes: Iterable, out, size: int = 64,
 
 
 def main(argv=None) -> int:
+    from fers_jax.cli import HelpFormatter
     p = argparse.ArgumentParser(
         prog="python -m fers_jax.datasets.layout",
-        description="Write a HAD100-layout folder of crops from scenes.")
+        description="Write a HAD100-layout folder of crops from scenes.",
+        formatter_class=HelpFormatter)
     p.add_argument("--scenes", nargs="+", required=True,
                    help="scene files (.mat/.npz/.npy), folders or HAD100 roots")
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--size", type=int, default=64, help="crop side (64)")
+    p.add_argument("--size", type=int, default=64, help="crop side")
     p.add_argument("--stride", type=int, default=None,
                    help="step between crops (default: --size, no overlap)")
     p.add_argument("--sensor", default="aviris_ng",
-                   help="sensor folder name (aviris_ng)")
+                   help="sensor folder name, read from HAD100 roots and written "
+                        "under --out")
     p.add_argument("--bands", type=int, default=None,
-                   help="keep the first N bands (default: all)")
-    p.add_argument("--band-start", type=int, default=0)
+                   help="keep N bands from --band-start (default: all)")
+    p.add_argument("--band-start", type=int, default=0, help="first band kept")
     p.add_argument("--split", choices=SPLIT_RULES, default="auto",
                    help="auto: crops touching anomalies to test, others to "
                         "train")
