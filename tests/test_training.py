@@ -120,6 +120,50 @@ def test_partition_and_what_trains(teacher):
     assert set(frozen["student"]) == {"trunk"}
 
 
+def _torchvision_state_dict(kind, config, seed=0):
+    """Random arrays under torchvision's names for the ImageNet part of
+    `config`'s model (what a user's .pth of `kind` holds), plus a key the
+    converter must skip."""
+    leaf_names = {"kernel": "weight", "scale": "weight", "bias": "bias",
+                  "mean": "running_mean", "var": "running_var"}
+    rng = np.random.default_rng(seed)
+    sd = {"fc.weight": np.zeros((10, 4), np.float32)}
+    for (col, *modules, leaf), spec in flat(
+            convert.abstract_variables(kind, config)).items():
+        value = rng.uniform(0.5, 1.0, spec.shape).astype(np.float32)
+        if leaf == "kernel":
+            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        sd[f"{convert.torch_name(kind, modules)}.{leaf_names[leaf]}"] = value
+    return sd
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_imagenet_weights_fill_the_frozen_backbone(stage, teacher, monkeypatch):
+    if stage == "stage1":
+        task = stage1.task(BANDS, "tiny")
+        config, sub = task.config, ("encoder",)
+        init = lambda path: task.init_variables(  # noqa: E731
+            jax.random.key(0), (1, 24, 24, BANDS), path)
+    else:
+        task = stage2.task(teacher[0].config, "tiny")
+        config, sub = task.student, ("student", "trunk")
+        init = lambda path: task.init_variables(  # noqa: E731
+            jax.random.key(0), (1, 24, 24, BANDS), teacher[1], path)
+    sd = _torchvision_state_dict(task.pretrained_kind, config)
+    monkeypatch.setattr(convert, "read_torch", lambda kind, src: sd)
+    variables = init("imagenet.pth")
+    want, _ = convert.from_torch(task.pretrained_kind, sd, config=config)
+    for col in ("params", "batch_stats"):
+        got = variables[col]
+        for name in sub:
+            got = got[name]
+        np.testing.assert_equal(jax.tree.map(np.asarray, got),
+                                want[col][sub[-1]])
+    _, frozen = state.partition(variables["params"], task.trainable)
+    assert flat(frozen).keys() >= {k for k in flat(variables["params"])
+                                   if k[:len(sub)] == sub}
+
+
 # --- Golden parity ---------------------------------------------------------------
 
 def test_stage1_train_step_golden_parity(golden):
@@ -331,8 +375,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                   monkeypatch):
     _wrap_step(monkeypatch, 5, lambda b: b * jnp.nan)
     with pytest.raises(loop.TrainingError,
-                       match="non-finite loss at step 5 .*last good checkpoint "
-                             "is step 3"):
+                       match="non-finite loss or gradient at step 5 .*last "
+                             "good checkpoint is step 3"):
         loop.train_and_evaluate(tiny_config("stage1", tmp_path, steps=12,
                                             checkpoint_every=3))
     saved, _ = final_state(tmp_path)

@@ -25,14 +25,14 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fers_jax import checkpoints as model_checkpoints
-from fers_jax import input_pipeline, metrics
+from fers_jax import data, input_pipeline, metrics
 from fers_jax.evaluation import write_json_atomic
 from fers_jax.errors import FersError, InputError
 from fers_jax.training import checkpointing, stage1, stage2
@@ -75,7 +75,6 @@ def training_source(cfg: TrainConfig):
 
 def eval_scenes(cfg: TrainConfig):
     """(validation scenes, test scenes) for the per-epoch mAUC."""
-    from fers_jax import data
     load = functools.partial(input_pipeline.load_eval_scenes, bands=cfg.bands,
                              band_start=cfg.band_start, sensor=cfg.sensor)
     test = cfg.test or tuple(p for p in cfg.data
@@ -111,9 +110,10 @@ def build_task(cfg: TrainConfig, key, shape):
         variables = task.init_variables(key, shape, teacher_vars, cfg.imagenet)
     if cfg.imagenet is None:
         what = ("encoder" if cfg.stage == "stage1" else "student trunk")
+        why = ("no ImageNet weights exist at the tiny sizes" if cfg.model == "tiny"
+               else "the reference uses ImageNet weights")
         _say(f"WARNING: no --imagenet weights: the frozen {what} "
-             f"({task.pretrained_name}) keeps its random initialisation; the "
-             f"reference uses ImageNet weights")
+             f"({task.pretrained_name}) keeps its random initialisation; {why}")
     return task, variables
 
 
@@ -230,19 +230,20 @@ def _prepare_out(cfg: TrainConfig) -> pathlib.Path:
     return out
 
 
-def _check_resume(meta: dict, cfg: TrainConfig, where):
+def _check_resume(meta: dict, cfg: TrainConfig, select: str, where):
     saved = meta.get("train_config", {})
     now = cfg.to_dict()
     changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIELDS
                if saved.get(k) != now[k]]
-    if meta.get("seed") != cfg.run_seed:
-        changed.append(f"seed: {meta.get('seed')!r} -> {cfg.run_seed!r}")
+    for key, value in (("seed", cfg.run_seed), ("select", select)):
+        if meta.get(key) != value:
+            changed.append(f"{key}: {meta.get(key)!r} -> {value!r}")
     if changed:
         raise InputError(f"cannot resume from {where}: the run was made with "
                          f"other settings ({'; '.join(changed)})")
 
 
-def _restore_or_start(cfg, ckpts, state):
+def _restore_or_start(cfg, select, ckpts, state):
     """(state, meta or None): the latest checkpoint when resuming."""
     latest = ckpts.latest_step()
     if latest is not None and not cfg.resume:
@@ -254,7 +255,7 @@ def _restore_or_start(cfg, ckpts, state):
             _say(f"no checkpoint in {ckpts.directory}: starting from step 0")
         return state, None
     meta = ckpts.restore_meta(latest)
-    _check_resume(meta, cfg, f"{ckpts.directory}/{latest}")
+    _check_resume(meta, cfg, select, f"{ckpts.directory}/{latest}")
     state, meta = ckpts.restore(latest, state)
     _say(f"resumed at step {latest} (epoch {meta['data']['epoch'] + 1}) from "
          f"{ckpts.directory}")
@@ -283,7 +284,12 @@ class _Run:
         del variables
         self.ckpts = checkpointing.Checkpoints(self.out / "checkpoints",
                                                keep_best=self.select != "none")
-        self.state, meta = _restore_or_start(cfg, self.ckpts, self.state)
+        try:
+            self.state, meta = _restore_or_start(cfg, self.select, self.ckpts,
+                                                 self.state)
+        except BaseException:
+            self.ckpts.close()
+            raise
         self.best = meta.get("best") if meta else None
         self.batches = input_pipeline.batches(
             self.source, cfg.batch_size, seed=self.data_seed, bands=cfg.bands,
@@ -369,7 +375,7 @@ def _train(run: _Run) -> Optional[str]:
             bar.update(1)
             bar.set_postfix(loss=f"{measured['loss']:.4g}", epoch=epoch)
             epoch_done = run.batches.state["step_in_epoch"] == 0
-            metric = _end_of_epoch(run, step, epoch, bar) if epoch_done else None
+            metric = _end_of_epoch(run, step, epoch) if epoch_done else None
             if (epoch_done or step == run.total or stop.requested
                     or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                 run.save(metric)
@@ -394,11 +400,11 @@ def _stop_non_finite(run: _Run, step: int, epoch: int, measured: dict):
     kept = (f"the last good checkpoint is step {last} in {run.ckpts.directory}"
             if last is not None else "no checkpoint had been written yet")
     terms = ", ".join(f"{k}={v:.4g}" for k, v in measured.items())
-    raise TrainingError(f"non-finite loss at step {step} (epoch {epoch}): "
-                        f"{terms}; training stopped, {kept}")
+    raise TrainingError(f"non-finite loss or gradient at step {step} (epoch "
+                        f"{epoch}): {terms}; training stopped, {kept}")
 
 
-def _end_of_epoch(run: _Run, step: int, epoch: int, bar) -> Optional[float]:
+def _end_of_epoch(run: _Run, step: int, epoch: int) -> Optional[float]:
     """Validation, the epoch record, the best epoch. Returns the metric."""
     if not (run.val or run.test):
         return None
