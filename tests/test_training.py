@@ -6,6 +6,7 @@ frn_tiny, 20 bands, 24x24 patches of the shared background scenes, batch
 teacher is the golden tiny stage-1 file (its FEN part).
 """
 
+import functools
 import json
 import math
 import signal
@@ -206,6 +207,31 @@ def test_stage2_step_loss_is_stage2_loss(teacher, batch):
         np.testing.assert_allclose(measured[k], v, rtol=1e-6, err_msg=k)
 
 
+def test_full_sizes_trace():
+    """The published sizes build and differentiate (shapes only, no compute)."""
+    from fers_jax import configs
+    from fers_jax.models import SpectralTeacher
+    tx = state.AdamConfig().build()
+    x = jax.ShapeDtypeStruct((16, 64, 64, 50), jnp.float32)
+    key = jax.random.key(0)
+    task1 = stage1.task(50, "full")
+    teacher_cfg = configs.ferd(50)
+    task2 = stage2.task(teacher_cfg, "full")
+    teacher_vars = jax.eval_shape(SpectralTeacher(teacher_cfg).init, key, x)
+    for task, init, terms in (
+            (task1, lambda k: task1.init_variables(k, x.shape),
+             {"bce", "mse", "cos"}),
+            (task2, lambda k: task2.init_variables(k, x.shape, teacher_vars),
+             {"cc", "cos", "var", "mse", "ssim"})):
+        st = jax.eval_shape(
+            lambda k: state.create_train_state(init(k), task.trainable, tx), key)
+        new, measured = jax.eval_shape(
+            functools.partial(state.train_step, task.loss_fn, tx), st, x)
+        assert jax.tree.structure(new) == jax.tree.structure(st)
+        assert set(measured) == terms | {"loss", "grad_norm", "param_norm"}
+    assert set(st.frozen["student"]["trunk"]) >= {"conv1", "layer3_5"}
+
+
 # --- Frozen, learning, NaN guard at the step level -------------------------------
 
 def _run_steps(task, st, batch, n):
@@ -346,19 +372,20 @@ def test_resume_is_exact(straight_run, tmp_path):
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
 
 
-def test_sigint_checkpoints_then_resume_is_exact(straight_run, tmp_path,
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_checkpoints_then_resume_is_exact(signum, straight_run, tmp_path,
                                                  monkeypatch):
     out, _ = straight_run
 
     def interrupt(batch):
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signum)
         return batch
     _wrap_step(monkeypatch, 5, interrupt)
-    handler = signal.getsignal(signal.SIGINT)
+    handler = signal.getsignal(signum)
     summary = loop.train_and_evaluate(tiny_config("stage1", tmp_path, steps=12))
-    assert summary["interrupted"] == "SIGINT" and summary["step"] == 5
-    assert final_state(tmp_path)[1]["step"] == 5
-    assert signal.getsignal(signal.SIGINT) is handler
+    assert summary["interrupted"] == signal.Signals(signum).name
+    assert summary["step"] == 5 and final_state(tmp_path)[1]["step"] == 5
+    assert signal.getsignal(signum) is handler
     monkeypatch.undo()
     loop.train_and_evaluate(tiny_config("stage1", tmp_path, steps=12, resume=True))
     assert_trees_equal(final_state(out)[0], final_state(tmp_path)[0])
@@ -433,3 +460,21 @@ def test_stage2_run_files_and_evaluate(scene_crop, tmp_path):
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     # The same map as the epoch's validation, through evaluate.py's loaders.
     assert result["mean_auc"] == pytest.approx(epoch["val_mauc"], abs=1e-4)
+
+
+def test_had100_root_trains_on_train_and_selects_on_test(tmp_path):
+    """A HAD100 root: train/<sensor> to learn from, its test split scored
+    each epoch and (the reference's choice) picking the best epoch."""
+    from fers_jax.datasets import layout
+    root = tmp_path / "HAD100Dataset"
+    layout.write_layout([SCENES / "abu-airport-2.mat"], root, size=24,
+                        bands=BANDS)
+    n_train = len(list((root / "train" / "aviris_ng").glob("*.npy")))
+    n_test = len(list((root / "test" / "aviris_ng").glob("*.npy")))
+    summary = loop.train_and_evaluate(config.tiny(
+        "stage1", [str(root)], BANDS, str(tmp_path / "run"), epochs=1))
+    assert summary["select"] == "test"
+    assert summary["step"] == n_train // 4 == summary["best"]["step"]
+    (epoch,) = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")
+                if r["kind"] == "epoch"]
+    assert len(epoch["test_auc"]) == n_test and "val_mauc" not in epoch

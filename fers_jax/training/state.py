@@ -114,9 +114,9 @@ def train_step(loss_fn, tx, state: TrainState, batch):
         state.params, state.frozen, state.batch_stats, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     measurements = {"loss": loss, **terms, "grad_norm": grad_norm,
-                    "param_norm": optax.global_norm(state.params)}
+                    "param_norm": optax.tree.norm(state.params)}
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map,
                              lambda new, old: jnp.where(finite, new, old))
