@@ -49,6 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: found by name, else the only 2-D array)")
     p.add_argument("--export", action="store_true",
                    help="also write spe_f/spa_f per scene to DIR/features/")
+    p.add_argument("--tile", default="auto", metavar="H,W|auto|off",
+                   help="compute tile by tile with bounded memory (same maps to "
+                        "float32 rounding): tiles of H,W pixels; auto tiles scenes "
+                        "above a megapixel or batches estimated above 40%% of the "
+                        "device's memory (fers_jax.tiling.auto_tile); off never")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="FERD/FERS network arithmetic (bfloat16: for accelerators; "
+                        "RX keeps --precision)")
+    p.add_argument("--no-shard", dest="shard", action="store_false",
+                   help="with several devices, do not split batches over them")
     p.add_argument("--no-plots", dest="plots", action="store_false",
                    help="skip the PNG maps and ROC figure")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -5,6 +5,11 @@ one size and returns maps (H, W) or (N, H, W); a batch is one vmapped,
 jit-compiled call. Each image is treated alone (its own min-max, mean and
 covariance).
 
+Cubes too large for memory: `rx_streaming` computes RX's statistics over
+chunks (`rx_stats`) and scores chunk by chunk (`rx_score`), with the same
+arithmetic as `rx` (one implementation: min-max, centring, scatter,
+pseudo-inverse and quadratic form are shared).
+
 Precision. The covariance of real scenes is near singular, so the numbers
 depend on the arithmetic. Two paths reproduce the two RX forms of the
 reference (SPEC.md section 6):
@@ -19,8 +24,9 @@ reference (SPEC.md section 6):
 """
 
 import contextlib
+import dataclasses
 import functools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +69,11 @@ def minmax(x, axes=None):
     """Scales x to [0, 1] over `axes` (all by default); a constant x gives 0."""
     lo = jnp.min(x, axis=axes, keepdims=True)
     span = jnp.max(x, axis=axes, keepdims=True) - lo
+    return _scale(x, lo, span)
+
+
+def _scale(x, lo, span):
+    """minmax's arithmetic with a given lo and span (span 0: no scaling)."""
     return (x - lo) / jnp.where(span > 0, span, 1)
 
 
@@ -88,20 +99,48 @@ def _dtype_and_rtol(precision, bands):
     raise InputError(f"RX precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def _rx_image(cube, precision):
-    """RX of one (H, W, B) cube: squared Mahalanobis distance to the global mean."""
+def _scatter(xc):
+    """Sum of outer products of centred pixels (P, B) -> (B, B)."""
+    return jnp.matmul(xc.T, xc, precision=_HIGHEST)
+
+
+def _rx_scores(xc, inverse):
+    """Squared Mahalanobis norms xc' inverse xc of centred pixels (P, B) -> (P,)."""
+    return (jnp.matmul(xc, inverse, precision=_HIGHEST) * xc).sum(axis=-1)
+
+
+def _centre(cube, dtype):
+    """One (H, W, B) cube min-max scaled, as (H*W, B) pixels centred on their
+    mean, and their covariance (divided by N - 1)."""
     h, w, b = cube.shape
-    dtype, rtol = _dtype_and_rtol(precision, b)
     x = minmax(cube.astype(dtype)).reshape(h * w, b)
     xc = x - x.mean(axis=0)
-    cov = jnp.matmul(xc.T, xc, precision=_HIGHEST) / (h * w - 1)
-    quad = jnp.matmul(xc, pinv(cov, rtol), precision=_HIGHEST) * xc
-    return quad.sum(axis=-1).reshape(h, w)
+    return xc, _scatter(xc) / (h * w - 1)
+
+
+def _pinv_each(a, rtol):
+    """pinv of each matrix of a batch (N, B, B).
+
+    With several CPU devices (--xla_force_host_platform_device_count, a
+    sharded batch) one LAPACK call per matrix (lax.map): jaxlib's batched
+    gesdd spreads a batch over the intra-op thread pool and waits for it,
+    which deadlocks when several devices do so at once (seen with jaxlib
+    0.10.2 on 2 cores). Each matrix's SVD is the same LAPACK call either
+    way; the product after it may round differently (1e-12 relative).
+    """
+    if jax.default_backend() == "cpu" and jax.device_count() > 1:
+        return jax.lax.map(functools.partial(pinv, rtol=rtol), a)
+    return pinv(a, rtol)
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))
 def _rx_batch(cubes, precision):
-    return jax.vmap(functools.partial(_rx_image, precision=precision))(cubes)
+    """RX of a batch (N, H, W, B) of cubes, each with its own statistics."""
+    n, h, w, b = cubes.shape
+    dtype, rtol = _dtype_and_rtol(precision, b)
+    xc, cov = jax.vmap(functools.partial(_centre, dtype=dtype))(cubes)
+    scores = jax.vmap(_rx_scores)(xc, _pinv_each(cov, rtol))
+    return scores.reshape(n, h, w)
 
 
 def rx(cube, precision: str = "float64"):
@@ -114,12 +153,125 @@ def rx(cube, precision: str = "float64"):
 
     Returns:
       RX scores, (H, W) or (N, H, W), in the dtype of `precision`.
+
+    For cubes too large for memory, `rx_streaming` computes the same map
+    from statistics accumulated over chunks.
     """
     batch, single = as_batch(cube)
     _dtype_and_rtol(precision, 1)
     with jax.enable_x64(precision == "float64"):
         out = _rx_batch(jnp.asarray(batch), precision)
     return out[0] if single else out
+
+
+# RX over chunks: the same statistics, bounded memory -------------------------
+
+RX_CHUNK_PIXELS = 1 << 16  # pixels per chunk of rx_streaming (~100 MB at 200 bands)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _chunk_sum(z, lo, span, dtype):
+    return _scale(z.astype(dtype), lo, span).sum(axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _chunk_scatter(z, lo, span, mean, dtype):
+    return _scatter(_scale(z.astype(dtype), lo, span) - mean)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _chunk_scores(z, lo, span, mean, inverse, dtype):
+    return _rx_scores(_scale(z.astype(dtype), lo, span) - mean, inverse)
+
+
+_pinv = jax.jit(pinv)
+
+
+@dataclasses.dataclass(frozen=True)
+class RXStats:
+    """The global statistics of one image's RX, in its precision's dtype:
+    min-max scaling (lo, span), mean and pseudo-inverse covariance of the
+    scaled pixels."""
+    lo: jax.Array
+    span: jax.Array
+    mean: jax.Array
+    inverse: jax.Array
+    pixels: int
+
+
+def _chunks(cube, chunk_pixels):
+    """(P, B) row chunks of an (H, W, B) array (or memory map), as NumPy."""
+    h, w, b = cube.shape
+    rows = max(1, chunk_pixels // w)
+    for r in range(0, h, rows):
+        yield r, np.asarray(cube[r:r + rows]).reshape(-1, b)
+
+
+def rx_stats(cube, precision: str = "float64",
+             chunk_pixels: int = RX_CHUNK_PIXELS) -> RXStats:
+    """RX's statistics of one (H, W, B) cube, `chunk_pixels` pixels at a time.
+
+    The whole-image RX's arithmetic in three passes over the chunks: the
+    global min and max (exact in any order), the mean of the scaled pixels,
+    then the scatter of the pixels centred on that mean (exact centring:
+    no sum-of-squares cancellation); the pseudo-inverse once. Chunk sums
+    are accumulated in float64 whatever the precision. Only the order of
+    the summations differs from `rx`: the covariance to ~1e-16 relative
+    (float64).
+    """
+    h, w, b = cube.shape
+    dtype, rtol = _dtype_and_rtol(precision, b)
+    n = h * w
+    with jax.enable_x64(precision == "float64"):
+        lo, hi = np.inf, -np.inf
+        for _, z in _chunks(cube, chunk_pixels):
+            lo, hi = min(lo, z.min()), max(hi, z.max())
+        lo = jnp.asarray(lo, dtype)
+        span = jnp.asarray(hi, dtype) - lo
+        total = np.zeros(b, np.float64)
+        for _, z in _chunks(cube, chunk_pixels):
+            total += np.asarray(_chunk_sum(z, lo, span, dtype), np.float64)
+        mean = jnp.asarray(total / n, dtype)
+        scatter = np.zeros((b, b), np.float64)
+        for _, z in _chunks(cube, chunk_pixels):
+            scatter += np.asarray(_chunk_scatter(z, lo, span, mean, dtype), np.float64)
+        cov = jnp.asarray(scatter / (n - 1), dtype)
+        inverse = _pinv(cov, rtol)
+    return RXStats(lo, span, mean, inverse, n)
+
+
+def rx_score(chunk, stats: RXStats):
+    """RX scores of pixels (..., B) given an image's `rx_stats`."""
+    chunk = np.asarray(chunk)
+    dtype = stats.inverse.dtype
+    with jax.enable_x64(dtype == jnp.float64):
+        out = _chunk_scores(chunk.reshape(-1, chunk.shape[-1]), stats.lo,
+                            stats.span, stats.mean, stats.inverse, dtype)
+    return np.asarray(out).reshape(chunk.shape[:-1])
+
+
+def rx_streaming(cube, precision: str = "float64",
+                 chunk_pixels: Optional[int] = None) -> np.ndarray:
+    """`rx` of one (H, W, B) cube with bounded memory: `rx_stats` over row
+    chunks, then the scores chunk by chunk.
+
+    The cube can be a NumPy array or memory map of any size; device memory
+    is a few chunks (`chunk_pixels`, default RX_CHUNK_PIXELS). Equals `rx` up
+    to the order of the summations (float64: maps to ~1e-12 relative).
+
+    Returns:
+      (H, W) NumPy scores in the dtype of `precision`.
+    """
+    if np.ndim(cube) != 3:
+        raise InputError(f"rx_streaming: expected one (H, W, B) cube, got shape "
+                         f"{np.shape(cube)}")
+    chunk_pixels = RX_CHUNK_PIXELS if chunk_pixels is None else int(chunk_pixels)
+    stats = rx_stats(cube, precision, chunk_pixels)
+    h, w, _ = cube.shape
+    out = np.empty((h, w), np.dtype(stats.inverse.dtype))
+    for r, z in _chunks(cube, chunk_pixels):
+        out[r:r + z.shape[0] // w] = rx_score(z, stats).reshape(-1, w)
+    return out
 
 
 def fuse(maps: Sequence, mode: str = "sum"):

@@ -20,7 +20,7 @@ import pathlib
 import re
 import tempfile
 import time
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -56,6 +56,9 @@ class EvalConfig:
     gt_key: Optional[str] = None
     export: bool = False
     plots: bool = True
+    tile: Any = "auto"
+    dtype: str = "float32"
+    shard: bool = True
 
 
 def build_detector(cfg: EvalConfig) -> Tuple[Detector, EvalConfig]:
@@ -65,8 +68,7 @@ def build_detector(cfg: EvalConfig) -> Tuple[Detector, EvalConfig]:
     checkpoint decides it.
     """
     if cfg.method == "rx":
-        precision = "float64" if cfg.precision == "auto" else cfg.precision
-        return (lambda x: (np.asarray(detectors.rx(x, precision)), {})), cfg
+        return _rx_detector(cfg), cfg
     if cfg.method == "lrx":
         return (lambda x: (np.asarray(
             detectors.lrx(x, cfg.inner, cfg.outer)), {})), cfg
@@ -80,14 +82,39 @@ def build_detector(cfg: EvalConfig) -> Tuple[Detector, EvalConfig]:
     raise InputError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
 
 
+def _rx_detector(cfg: EvalConfig) -> Detector:
+    """RX on whole images (a batch sharded over the devices when there are
+    several), or streamed over row chunks when tiling applies
+    (detectors.rx_streaming: the same statistics, bounded memory)."""
+    from fers_jax import tiling
+    precision = "float64" if cfg.precision == "auto" else cfg.precision
+    mesh = tiling.batch_mesh() if cfg.shard else None
+
+    def detect(x):
+        if tiling.resolve_tile(cfg.tile, np.shape(x), "rx", precision) is not None:
+            return np.stack([np.asarray(detectors.rx_streaming(xi, precision))
+                             for xi in x]), {}
+        xs, n = tiling.shard_batch(x, mesh)
+        return np.asarray(detectors.rx(xs, precision))[:n], {}
+    return detect
+
+
 def _batches(files: Sequence[pathlib.Path], cfg: EvalConfig
              ) -> Iterator[Tuple[List[data.Scene], np.ndarray]]:
     """Yields runs of consecutive same-shape scenes, at most batch_size each."""
+    from fers_jax import tiling
     run, inputs = [], []
     for f in files:
         scene = data.load_scene(f, cfg.cube_key, cfg.gt_key)
-        x = data.prepare(scene, cfg.bands, cfg.start_band)
-        if inputs and (x.shape != inputs[0].shape or len(run) == cfg.batch_size):
+        if scene.shape[0] * scene.shape[1] > tiling.AUTO_MAX_PIXELS:
+            # A flight line: normalised without a float64 copy, scored alone.
+            x = tiling.normalise_tiled(data.select_bands(
+                scene.cube, cfg.bands, cfg.start_band, scene.path), where=scene.path)
+            limit = 1
+        else:
+            x = data.prepare(scene, cfg.bands, cfg.start_band)
+            limit = cfg.batch_size
+        if inputs and (x.shape != inputs[0].shape or len(run) >= limit):
             yield run, np.stack(inputs)
             run, inputs = [], []
         run.append(scene)
@@ -101,14 +128,18 @@ def _timed(detector: Detector, batch: np.ndarray, seen_shapes: set):
 
     The first batch of a new shape is run twice: the first call pays tracing
     and compilation, the second is what every later batch of that shape costs.
+    A flight line (above tiling.AUTO_MAX_PIXELS pixels) is run once: its
+    seconds include the compilation, reported as 0.
     """
+    from fers_jax import tiling
     def once():
         start = time.perf_counter()
         maps, extras = detector(batch)
         return maps, extras, time.perf_counter() - start
     key = batch.shape
     maps, extras, first = once()
-    if key in seen_shapes:
+    if key in seen_shapes or batch.shape[1] * batch.shape[2] > tiling.AUTO_MAX_PIXELS:
+        seen_shapes.add(key)
         return maps, extras, first, 0.0
     seen_shapes.add(key)
     maps, extras, second = once()
@@ -256,6 +287,12 @@ def config_from_args(args) -> EvalConfig:
         raise InputError(f"--method {cfg.method} needs --teacher CKPT")
     if cfg.method == "fers" and not cfg.student:
         raise InputError("--method fers needs --student CKPT")
+    from fers_jax import tiling
+    if not (isinstance(cfg.tile, str) and cfg.tile.strip().lower() == "auto"):
+        tile = tiling.parse_tile(cfg.tile)
+        cfg = dataclasses.replace(cfg, tile=list(tile) if tile else "off")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise InputError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     return cfg
 
 

@@ -10,9 +10,10 @@ Test time has no training and no parameters to tune (SPEC.md section 6):
 """
 
 import dataclasses
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fers_jax import checkpoints, detectors
@@ -37,6 +38,9 @@ def resolve_precision(precision: str, fusion: str) -> str:
     return precision
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureExtractor:
     """The networks of a method with their variables; a jitted forward.
@@ -44,31 +48,88 @@ class FeatureExtractor:
     Calling it on x (N, H, W, B) returns {'spe_f': ..., ['spa_f': ...]}.
     Convolutions run at full float32 precision: on GPUs XLA would otherwise
     use TF32, which moves features by ~1e-3 and the maps with them.
+
+    With dtype 'bfloat16' the variables and the input are cast to bfloat16
+    and the networks compute in it (for accelerators; on CPU it is slower);
+    features come back as float32, and RX stays in its own precision.
+
+    The models and variables are kept (`teacher`, `t_vars`, `student`,
+    `s_vars`) for `tiled`, the same networks tile by tile.
     """
     bands: int
     forward: Callable
     matmul_precision: str = "highest"
+    teacher: Any = None
+    t_vars: Any = None
+    student: Any = None
+    s_vars: Any = None
+    dtype: str = "float32"
 
     def __call__(self, x) -> Dict[str, jax.Array]:
         with jax.default_matmul_precision(self.matmul_precision):
             return self.forward(x)
 
+    def tiled(self, tile, trunk_tile=None):
+        """The same features tile by tile (fers_jax.tiling.TiledFeatures)."""
+        from fers_jax import tiling
+        return tiling.TiledFeatures(self.teacher, self.t_vars, self.student,
+                                    self.s_vars, tile, trunk_tile,
+                                    dtype=self.dtype,
+                                    matmul_precision=self.matmul_precision)
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise InputError(f"network dtype must be one of {DTYPES}, got {dtype!r}")
+    return dtype
+
 
 def feature_extractor(teacher_path, student_path: Optional[str] = None,
-                      bands: Optional[int] = None) -> FeatureExtractor:
-    """Loads the teacher (and student) and compiles their joint forward."""
+                      bands: Optional[int] = None, dtype: str = "float32",
+                      mesh=None) -> FeatureExtractor:
+    """Loads the teacher (and student) and compiles their joint forward.
+
+    Args:
+      dtype: 'float32' or 'bfloat16' network arithmetic (see FeatureExtractor).
+      mesh: a 1-D device mesh (tiling.batch_mesh): the variables are
+        replicated on its devices, for inputs sharded over the batch axis.
+    """
+    from fers_jax import tiling
+    _check_dtype(dtype)
     teacher, t_vars = checkpoints.load_teacher(teacher_path, bands)
     bands = teacher.config.bands
-    if student_path is None:
-        def forward(x):
-            return {"spe_f": teacher.apply(t_vars, x)["spe_f"]}
-    else:
-        student, s_vars = checkpoints.load_student(student_path, bands)
+    student, s_vars = (checkpoints.load_student(student_path, bands)
+                       if student_path is not None else (None, None))
+    cast = jnp.dtype(dtype)
+    variables = tiling.replicate(jax.tree.map(lambda a: jnp.asarray(a, cast), (
+        t_vars, s_vars)), mesh)
 
-        def forward(x):
-            return {"spe_f": teacher.apply(t_vars, x)["spe_f"],
-                    "spa_f": student.apply(s_vars, x)["spa_f"]}
-    return FeatureExtractor(bands=bands, forward=jax.jit(forward))
+    # The variables are arguments, not closed-over constants: XLA would fold
+    # constants into the graph (BatchNorm into the convs, ...) and round
+    # differently from the tiled path, which takes them as arguments.
+    def forward(variables, x):
+        run_t, run_s = variables
+        x = jnp.asarray(x, cast)
+        out = {"spe_f": teacher.apply(run_t, x)["spe_f"]}
+        if student is not None:
+            out["spa_f"] = student.apply(run_s, x)["spa_f"]
+        return {k: v.astype(jnp.float32) for k, v in out.items()}
+    return FeatureExtractor(bands=bands, forward=_Bound(jax.jit(forward), variables),
+                            teacher=teacher, t_vars=t_vars, student=student,
+                            s_vars=s_vars, dtype=dtype)
+
+
+class _Bound:
+    """A jitted f(variables, x) with its variables bound: f(x), f.lower(x)."""
+
+    def __init__(self, jitted, variables):
+        self.jitted, self.variables = jitted, variables
+
+    def __call__(self, x):
+        return self.jitted(self.variables, x)
+
+    def lower(self, x):
+        return self.jitted.lower(self.variables, x)
 
 
 def ferd_map(x, spe_f, precision: str = "float64"):
@@ -89,22 +150,44 @@ def fers_map(x, spe_f, spa_f, fusion: str, precision: str = "auto"):
 def build_detector(cfg) -> Tuple[Callable, int]:
     """The evaluation detector for cfg.method 'ferd' or 'fers'.
 
+    Whole images by default; tile by tile (fers_jax.tiling, same maps to
+    float32 rounding) where `cfg.tile` is (H, W), or where it is 'auto' and
+    tiling.auto_tile says a batch is too large. Whole-image batches are
+    sharded over the devices when there are several and `cfg.shard`.
+
     Returns:
       (detector, bands): detector(x (N, H, W, B)) -> (maps, features), and the
       band count the checkpoint was trained for.
     """
+    from fers_jax import tiling
     student = cfg.student if cfg.method == "fers" else None
-    extractor = feature_extractor(cfg.teacher, student, cfg.bands)
+    mesh = tiling.batch_mesh() if getattr(cfg, "shard", True) else None
+    extractor = feature_extractor(cfg.teacher, student, cfg.bands,
+                                  getattr(cfg, "dtype", "float32"), mesh)
+    tile_opt = getattr(cfg, "tile", None)
+    tiled = {}
+
+    def rx_precision(bands):
+        if cfg.method == "ferd":
+            return "float64" if cfg.precision == "auto" else cfg.precision
+        return resolve_precision(cfg.precision, resolve_fusion(cfg.fusion, bands))
 
     def detect(x):
-        feats = extractor(x)
+        tile = tiling.resolve_tile(tile_opt, np.shape(x), cfg.method,
+                                   rx_precision(np.shape(x)[-1]))
+        if tile is not None:
+            if tile not in tiled:
+                tiled[tile] = extractor.tiled(tile)
+            return tiling.detect_tiled(tiled[tile], x, cfg.method, cfg.fusion,
+                                       cfg.precision, export=cfg.export)
+        xs, n = tiling.shard_batch(x, mesh)
+        feats = extractor(xs)
         if cfg.method == "ferd":
-            precision = "float64" if cfg.precision == "auto" else cfg.precision
-            maps = ferd_map(x, feats["spe_f"], precision)
+            maps = ferd_map(xs, feats["spe_f"], rx_precision(x.shape[-1]))
         else:
-            maps = fers_map(x, feats["spe_f"], feats["spa_f"], cfg.fusion,
+            maps = fers_map(xs, feats["spe_f"], feats["spa_f"], cfg.fusion,
                             cfg.precision)
-        features = ({k: np.asarray(v) for k, v in feats.items()}
+        features = ({k: np.asarray(v)[:n] for k, v in feats.items()}
                     if cfg.export else {})
-        return np.asarray(maps), features
+        return np.asarray(maps)[:n], features
     return detect, extractor.bands
