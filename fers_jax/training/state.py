@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from fers_jax.training import parallel
+
 Path = Tuple[str, ...]
 
 
@@ -128,18 +130,23 @@ def train_step(loss_fn, tx, state: TrainState, batch):
     return new_state, measurements
 
 
-def jit_train_step(task, optimizer: AdamConfig):
+def jit_train_step(task, optimizer: AdamConfig, mesh=None):
     """`train_step(state, batch) -> (state, measurements)` for a stage task,
-    jitted once per (task, optimizer), donating the old state's buffers."""
-    return _jit_train_step(task, optimizer)
+    jitted once per (task, optimizer, mesh), donating the old state's buffers.
+
+    With a `mesh` (training.parallel.make_mesh) the step is one computation
+    over its devices: the state replicated, the batch split over 'data'.
+    """
+    return _jit_train_step(task, optimizer, mesh)
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_train_step(task, optimizer):
+def _jit_train_step(task, optimizer, mesh):
     # Cached on the (hashable, frozen) task and optimiser records, so every
     # run of the same configuration in a process shares one compilation.
+    shardings = {} if mesh is None else parallel.step_shardings(mesh)
     return jax.jit(functools.partial(train_step, task.loss_fn, optimizer.build()),
-                   donate_argnums=0)
+                   donate_argnums=0, **shardings)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,152 @@
+"""Data parallelism: a device mesh, the batch split over it, the rest replicated.
+
+Training is one global computation (`jax.jit`) over a 1-D mesh of every
+device with the axis 'data' (`make_mesh`). Each batch is sharded along its
+first axis (`shard_batch`); the train state (trainable and frozen
+parameters, BatchNorm statistics, Adam's moments) is replicated
+(`replicate`). XLA's SPMD partitioner inserts the collectives the program
+needs: the all-reduce of the gradients and of BatchNorm's batch mean and
+variance, so the statistics are those of the global batch and N devices
+compute what one device computes, up to the order of the reductions. The
+models carry no axis names; nothing is pmapped.
+
+One device is the mesh of size 1: the same code, nothing to switch off.
+
+Many hosts (multi-controller JAX): every host runs the same command and
+calls `jax.distributed.initialize()` before anything else touches JAX
+(`initialize_distributed`, `train.py --distributed`). `jax.devices()` is
+then every host's devices, and the mesh spans them all. Each host loads
+only its part of every global batch (`process_part`: the rows of the batch
+its own devices hold) and `shard_batch` assembles the global array from
+the parts (`jax.make_array_from_process_local_data`); on one host the part
+is the whole batch.
+"""
+
+import functools
+from typing import Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fers_jax.errors import InputError
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(**kwargs):
+    """Joins this process to a multi-host run: `jax.distributed.initialize`.
+
+    Must come before any other use of JAX in the process. Without arguments
+    the coordinator address, the number of processes and this process's
+    index come from the cluster (Slurm, Open MPI, Cloud TPU, GKE) or from
+    the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID; `kwargs` (coordinator_address, num_processes,
+    process_id, local_device_ids) override them.
+    """
+    jax.distributed.initialize(**kwargs)
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D mesh with the axis 'data' over `devices` (default: all of
+    them, every host's, in `jax.devices()` order)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise InputError("a device mesh needs at least one device")
+    return Mesh(np.asarray(devices, dtype=object), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """The first (batch) axis split evenly over the 'data' axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def step_shardings(mesh: Mesh) -> dict:
+    """`jax.jit` shardings of `step(state, batch) -> (state, measurements)`:
+    the state and measurements replicated, the batch sharded."""
+    return {"in_shardings": (replicated(mesh), batch_sharded(mesh)),
+            "out_shardings": (replicated(mesh), replicated(mesh))}
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> int:
+    """Raises InputError unless every device gets an equal part of the
+    batch; returns the images per device."""
+    if batch_size % mesh.size:
+        raise InputError(f"the batch size ({batch_size}) must be divisible by "
+                         f"the number of devices ({mesh.size}): every device "
+                         f"takes an equal part of each batch")
+    return batch_size // mesh.size
+
+
+def process_part(batch_size: int, mesh: Mesh) -> Tuple[int, int]:
+    """Which part of every global batch this process loads: (index, count),
+    the rows [index * b, (index + 1) * b) with b = batch_size // count.
+
+    (0, 1) on one host. The rows are those that this process's devices hold
+    under `batch_sharded(mesh)`.
+    """
+    check_batch_size(batch_size, mesh)
+    indices = batch_sharded(mesh).addressable_devices_indices_map((batch_size,))
+    rows = sorted({index[0].indices(batch_size)[:2] for index in indices.values()})
+    if any(a[1] != b[0] for a, b in zip(rows, rows[1:])):
+        raise InputError(f"this process's devices hold the rows {rows} of a "
+                         f"batch of {batch_size}, not one block: order the "
+                         f"mesh's devices by process")
+    start, stop = rows[0][0], rows[-1][1]
+    return start // (stop - start), batch_size // (stop - start)
+
+
+@functools.lru_cache(maxsize=None)
+def _processes(mesh: Mesh) -> int:
+    return len({d.process_index for d in mesh.devices.flat})
+
+
+def shard_batch(local_batch, mesh: Mesh) -> jax.Array:
+    """The global batch, sharded over the 'data' axis, from this process's
+    part of it (`process_part`; on one host the whole batch)."""
+    local_batch = np.asarray(local_batch)
+    check_batch_size(local_batch.shape[0] * _processes(mesh), mesh)
+    return jax.make_array_from_process_local_data(batch_sharded(mesh),
+                                                  local_batch)
+
+
+def replicate(tree, mesh: Mesh):
+    """Every array of `tree` whole on every device of the mesh.
+
+    On many hosts each passes its own copy, which must be the same
+    everywhere (jax.device_put checks it).
+    """
+    sharding = replicated(mesh)
+
+    def put(x):
+        if (isinstance(x, jax.Array) and x.is_fully_addressable
+                and not sharding.is_fully_addressable):
+            x = np.asarray(x)  # a host-local array: its value, for every host
+        return jax.device_put(x, sharding)
+    return jax.tree.map(put, tree)
+
+
+def shard_padded(x, mesh: Mesh) -> Tuple[jax.Array, int]:
+    """(batch, N) for evaluation: the N images of `x` (every process passes
+    all of them), padded with copies of the last to a multiple of the mesh
+    size and sharded over the 'data' axis; results [N:] are padding."""
+    x = np.asarray(x)
+    n = x.shape[0]
+    pad = -n % mesh.size
+    if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    return jax.device_put(x, batch_sharded(mesh)), n
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of a whole global array, on every process."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable
+                                         or x.is_fully_replicated):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
