@@ -133,6 +133,27 @@ def _pinv_each(a, rtol):
     return pinv(a, rtol)
 
 
+@contextlib.contextmanager
+def _one_blas_thread():
+    """Runs XLA's per-matrix LAPACK calls (SVD, Cholesky) on one BLAS thread.
+
+    On CPU they go to SciPy's OpenBLAS, whose threads only add
+    synchronisation on 112 x 112 matrices: a batched SVD ran 8x slower with
+    its default 2 threads on a shared 2-core machine. Process-wide while it
+    lasts (threadpoolctl); a no-op where threadpoolctl is not installed.
+    """
+    try:
+        import threadpoolctl
+    except ImportError:
+        yield
+        return
+    # jaxlib takes LAPACK from SciPy, loading it on first use; a library
+    # loaded inside the `with` would escape the limit.
+    import scipy.linalg.cython_lapack  # noqa: F401
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        yield
+
+
 @functools.partial(jax.jit, static_argnames=("precision",))
 def _rx_batch(cubes, precision):
     """RX of a batch (N, H, W, B) of cubes, each with its own statistics."""
@@ -159,8 +180,8 @@ def rx(cube, precision: str = "float64"):
     """
     batch, single = as_batch(cube)
     _dtype_and_rtol(precision, 1)
-    with jax.enable_x64(precision == "float64"):
-        out = _rx_batch(jnp.asarray(batch), precision)
+    with jax.enable_x64(precision == "float64"), _one_blas_thread():
+        out = jax.block_until_ready(_rx_batch(jnp.asarray(batch), precision))
     return out[0] if single else out
 
 
@@ -314,27 +335,6 @@ LRX_RTOL = 1e-10
 _LRX_CHUNK = 256
 _CRD_CHUNK = 512
 _CRD_TILE = 8
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """Runs XLA's per-matrix LAPACK calls (SVD, Cholesky) on one BLAS thread.
-
-    On CPU they go to SciPy's OpenBLAS, whose threads only add
-    synchronisation on 112 x 112 matrices: a batched SVD ran 8x slower with
-    its default 2 threads on a shared 2-core machine. Process-wide while it
-    lasts (threadpoolctl); a no-op where threadpoolctl is not installed.
-    """
-    try:
-        import threadpoolctl
-    except ImportError:
-        yield
-        return
-    # jaxlib takes LAPACK from SciPy, loading it on first use; a library
-    # loaded inside the `with` would escape the limit.
-    import scipy.linalg.cython_lapack  # noqa: F401
-    with threadpoolctl.threadpool_limits(1, user_api="blas"):
-        yield
 
 
 def _check_windows(inner, outer, shape_hw, where):
