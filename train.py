@@ -7,6 +7,10 @@
   python train.py stage1 --data ../shared/data/background --bands 50 \\
       --stride 8 --config tiny --steps 40 --out /tmp/s1   # a quick CPU run
 
+Trains on every device, each batch split evenly over them (--batch-size
+must be divisible by their number). On several hosts, start the same
+command on each with --distributed (see fers_jax.training.parallel).
+
 Writes DIR/metrics.jsonl, DIR/checkpoints/ (latest and best), and the final
 and best models as fers_jax checkpoints in DIR/final/ and DIR/best/
 (stage 1: stage1/ and teacher/; stage 2: student/, frn/ and teacher/), ready
@@ -18,7 +22,7 @@ import argparse
 import sys
 
 from fers_jax import cli
-from fers_jax.training import config, loop
+from fers_jax.training import config, loop, parallel
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,12 +89,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=1, metavar="STEPS",
                    help="write a metrics.jsonl record every this many steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="one process of a multi-host run: call "
+                        "jax.distributed.initialize() first (coordinator, "
+                        "process count and index from the cluster or "
+                        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                        "JAX_PROCESS_ID)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    fields = {k: v for k, v in vars(args).items() if k != "quiet"}
+    if args.distributed:
+        parallel.initialize_distributed()
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ("quiet", "distributed")}
     fields.update(data=tuple(args.data), val=tuple(args.val),
                   test=tuple(args.test), progress=not args.quiet)
     summary = loop.train_and_evaluate(config.TrainConfig(**fields))

@@ -111,6 +111,10 @@ class Batches:
       workers: threads that normalise the images of a batch in parallel
         (NumPy releases the GIL; one 64x64x200 image takes milliseconds).
         None: up to 4, no more than the CPUs.
+      part: (index, count): load only the index-th of `count` equal parts
+        of every batch (one host's share of a global batch on many hosts,
+        training.parallel.process_part); the position `state` stays that
+        of the whole batch.
 
     `state` is the position of the next batch; save it with the model. An
     epoch has just ended when `state['step_in_epoch'] == 0`.
@@ -121,11 +125,16 @@ class Batches:
                  shuffle: bool = True, drop_remainder: bool = True,
                  num_epochs: Optional[int] = None,
                  state: Optional[Mapping] = None, prefetch: int = 2,
-                 workers: Optional[int] = None):
+                 workers: Optional[int] = None, part=(0, 1)):
         n = len(source)
         if int(batch_size) != batch_size or batch_size <= 0:
             raise InputError(f"batch size must be a positive integer, got "
                              f"{batch_size!r}")
+        index, count = part
+        if count < 1 or batch_size % count or not 0 <= index < count:
+            raise InputError(f"cannot load part {index} of {count} of "
+                             f"batches of {batch_size}")
+        self.part = (int(index), int(count))
         if int(seed) != seed or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got "
                              f"{seed!r}")
@@ -176,6 +185,9 @@ class Batches:
             order = self.order(epoch)
             for s in range(step, self.steps_per_epoch):
                 idx = order[s * self.batch_size:(s + 1) * self.batch_size]
+                index, count = self.part
+                size = self.batch_size // count
+                idx = idx[index * size:(index + 1) * size]
                 e, t = (epoch, s + 1) if s + 1 < self.steps_per_epoch else (epoch + 1, 0)
                 yield idx, dict(self._state, epoch=e, step_in_epoch=t)
             epoch, step = epoch + 1, 0

@@ -335,8 +335,8 @@ def _wrap_step(monkeypatch, at_call, action):
     real = loop.jit_train_step
     calls = {"n": 0}
 
-    def wrapped(task, optimizer):
-        step = real(task, optimizer)
+    def wrapped(task, optimizer, mesh=None):
+        step = real(task, optimizer, mesh)
 
         def run(st, batch):
             calls["n"] += 1

@@ -5,6 +5,11 @@ batch, per-epoch mAUC on validation / test scenes, Orbax checkpoints
 (latest + best), metrics.jsonl, a progress bar, exact resume, and the
 export of the final and best models as fers_jax checkpoints.
 
+Data parallel over a device mesh (`parallel`): every batch is split over
+the devices (and hosts), the state replicated; one device is a mesh of one.
+On many hosts only process 0 writes the run's files (metrics.jsonl, JSON
+records); all take part in the Orbax checkpoints.
+
 The run folder `out` holds:
   config.json     the TrainConfig and the task
   metrics.jsonl   {"kind": "step", "step", "epoch", "loss", <terms>,
@@ -28,14 +33,13 @@ import time
 from typing import Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fers_jax import checkpoints as model_checkpoints
 from fers_jax import data, input_pipeline, metrics
 from fers_jax.evaluation import write_json_atomic
 from fers_jax.errors import FersError, InputError
-from fers_jax.training import checkpointing, stage1, stage2
+from fers_jax.training import checkpointing, parallel, stage1, stage2
 from fers_jax.training.config import TrainConfig
 from fers_jax.training.state import (AdamConfig, TrainState, count,
                                      create_train_state, jit_train_step)
@@ -124,25 +128,36 @@ def _features_fn(task):
     return jax.jit(task.features)
 
 
-def score_scenes(task, variables, scenes) -> Dict[str, float]:
-    """{scene name: ROC AUC} of the task's detection map on each scene."""
+def score_scenes(task, variables, scenes, mesh=None) -> Dict[str, float]:
+    """{scene name: ROC AUC} of the task's detection map on each scene.
+
+    Scenes of one size go through in batches of one per device of `mesh`
+    (default: a single device), sharded over it.
+    """
+    mesh = mesh or parallel.make_mesh(jax.local_devices()[:1])
     features = _features_fn(task)
-    aucs = {}
+    by_shape = {}
     for scene in scenes:
-        x = jnp.asarray(scene.x[None])
-        score_map = task.detection_map(x, features(variables, x))
-        aucs[scene.name] = metrics.roc_auc(np.asarray(score_map[0]), scene.gt,
-                                           scene.name)
-    return aucs
+        by_shape.setdefault(scene.x.shape, []).append(scene)
+    aucs = {}
+    for group in by_shape.values():
+        for i in range(0, len(group), mesh.size):
+            chunk = group[i:i + mesh.size]
+            x, n = parallel.shard_padded(np.stack([s.x for s in chunk]), mesh)
+            maps = parallel.to_host(task.detection_map(x, features(variables, x)))
+            for scene, score_map in zip(chunk, maps[:n]):
+                aucs[scene.name] = metrics.roc_auc(score_map, scene.gt,
+                                                   scene.name)
+    return {scene.name: aucs[scene.name] for scene in scenes}
 
 
-def validate(task, state: TrainState, val, test) -> dict:
+def validate(task, state: TrainState, val, test, mesh=None) -> dict:
     """The per-epoch record's scores: val_mauc, val_auc, test_mauc, test_auc."""
     variables = state.variables()
     record = {}
     for name, scenes in (("val", val), ("test", test)):
         if scenes:
-            aucs = score_scenes(task, variables, scenes)
+            aucs = score_scenes(task, variables, scenes, mesh)
             record[f"{name}_mauc"] = float(np.mean(list(aucs.values())))
             record[f"{name}_auc"] = aucs
     return record
@@ -155,11 +170,16 @@ class MetricsLog:
 
     Opening it keeps only the records up to `keep_until_step` (what the
     restored checkpoint had seen), so a resumed run's file reads as if the
-    run had never stopped.
+    run had never stopped. With `write` False (hosts other than the first)
+    it neither reads nor writes.
     """
 
-    def __init__(self, path: pathlib.Path, keep_until_step: int):
+    def __init__(self, path: pathlib.Path, keep_until_step: int,
+                 write: bool = True):
         self.path = path
+        self._file = None
+        if not write:
+            return
         kept = []
         if path.exists():
             for line in path.read_text().splitlines():
@@ -173,11 +193,13 @@ class MetricsLog:
         self._file = open(path, "a")
 
     def write(self, record: dict):
-        self._file.write(json.dumps(_finite_or_none(record)) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(_finite_or_none(record)) + "\n")
+            self._file.flush()
 
     def close(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _finite_or_none(obj):
@@ -265,8 +287,10 @@ def _restore_or_start(cfg, select, ckpts, state):
 class _Run:
     """What one call of train_and_evaluate holds while it runs."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.part = parallel.process_part(cfg.batch_size, mesh)
+        self.primary = jax.process_index() == 0
         self.seed = cfg.run_seed
         init_key, self.data_seed = derive_keys(self.seed)
         self.source = training_source(cfg)
@@ -279,8 +303,8 @@ class _Run:
         probe.close()
         self.task, variables = build_task(cfg, init_key, shape)
         self.optimizer = AdamConfig(cfg.learning_rate, cfg.b1, cfg.b2, cfg.eps)
-        self.state = create_train_state(variables, self.task.trainable,
-                                        self.optimizer.build())
+        self.state = parallel.replicate(create_train_state(
+            variables, self.task.trainable, self.optimizer.build()), mesh)
         del variables
         self.ckpts = checkpointing.Checkpoints(self.out / "checkpoints",
                                                keep_best=self.select != "none")
@@ -293,10 +317,13 @@ class _Run:
         self.best = meta.get("best") if meta else None
         self.batches = input_pipeline.batches(
             self.source, cfg.batch_size, seed=self.data_seed, bands=cfg.bands,
-            band_start=cfg.band_start, state=meta["data"] if meta else None)
+            band_start=cfg.band_start, state=meta["data"] if meta else None,
+            part=self.part)
         self.total = cfg.steps or cfg.epochs * self.batches.steps_per_epoch
-        self.log = MetricsLog(self.out / "metrics.jsonl", int(self.state.step))
-        write_json_atomic(self.out / "config.json", self.describe())
+        self.log = MetricsLog(self.out / "metrics.jsonl", int(self.state.step),
+                              write=self.primary)
+        if self.primary:
+            write_json_atomic(self.out / "config.json", self.describe())
 
     def describe(self) -> dict:
         return {"train_config": self.cfg.to_dict(), "task": self.task.describe(),
@@ -317,14 +344,17 @@ class _Run:
         self.ckpts.close()
 
 
-def train_and_evaluate(cfg: TrainConfig) -> dict:
+def train_and_evaluate(cfg: TrainConfig, mesh=None) -> dict:
     """Trains cfg.stage as configured; returns (and writes) the summary.
+
+    `mesh` is the devices to train on (parallel.make_mesh; default: all of
+    them): cfg.batch_size must be divisible by their number.
 
     Raises TrainingError on a non-finite loss (the checkpoints on disk stay
     those of the last good steps). SIGINT / SIGTERM save a checkpoint at the
     next step boundary and return a summary with "interrupted" set.
     """
-    run = _Run(cfg)
+    run = _Run(cfg, mesh or parallel.make_mesh())
     try:
         _announce(run)
         interrupted = _train(run)
@@ -352,7 +382,7 @@ def _train(run: _Run) -> Optional[str]:
     """The step loop. Returns the signal's name if one stopped it."""
     from tqdm import tqdm
     cfg = run.cfg
-    step_fn = jit_train_step(run.task, run.optimizer)
+    step_fn = jit_train_step(run.task, run.optimizer, run.mesh)
     start = time.perf_counter()
     step = int(run.state.step)
     with StopRequests() as stop, tqdm(
@@ -362,7 +392,8 @@ def _train(run: _Run) -> Optional[str]:
         while step < run.total:
             epoch = run.batches.state["epoch"] + 1
             batch = next(run.batches)
-            run.state, measured = step_fn(run.state, jnp.asarray(batch))
+            run.state, measured = step_fn(run.state,
+                                          parallel.shard_batch(batch, run.mesh))
             measured = _ordered(jax.device_get(measured))
             if not (math.isfinite(measured["loss"])
                     and math.isfinite(measured["grad_norm"])):
@@ -409,7 +440,7 @@ def _end_of_epoch(run: _Run, step: int, epoch: int) -> Optional[float]:
     if not (run.val or run.test):
         return None
     t0 = time.perf_counter()
-    record = validate(run.task, run.state, run.val, run.test)
+    record = validate(run.task, run.state, run.val, run.test, run.mesh)
     metric = record.get(f"{run.select}_mauc")
     improved = metric is not None and (run.best is None
                                        or metric >= run.best["metric"])
@@ -437,7 +468,8 @@ def _finish(run: _Run) -> dict:
             state, _ = run.ckpts.restore(run.best["step"], run.state)
         summary["best_export"] = run.task.export(state.variables(),
                                                  run.out / "best")
-    write_json_atomic(run.out / "summary.json", summary)
+    if run.primary:
+        write_json_atomic(run.out / "summary.json", summary)
     _say(f"done: step {summary['step']}; final model in {run.out / 'final'}"
          + (f"; best epoch {run.best['epoch']} ({run.select} mAUC "
             f"{run.best['metric']:.4f}) in {run.out / 'best'}"

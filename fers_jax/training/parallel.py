@@ -23,6 +23,7 @@ is the whole batch.
 """
 
 import functools
+import os
 from typing import Optional, Sequence, Tuple
 
 import jax
@@ -38,13 +39,17 @@ DATA_AXIS = "data"
 def initialize_distributed(**kwargs):
     """Joins this process to a multi-host run: `jax.distributed.initialize`.
 
-    Must come before any other use of JAX in the process. Without arguments
-    the coordinator address, the number of processes and this process's
-    index come from the cluster (Slurm, Open MPI, Cloud TPU, GKE) or from
-    the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID; `kwargs` (coordinator_address, num_processes,
-    process_id, local_device_ids) override them.
+    Must come before any other use of JAX in the process. The coordinator's
+    address, the number of processes and this process's index come from the
+    cluster (Slurm, Open MPI, Cloud TPU, GKE: JAX detects them), else from
+    the environment: JAX_COORDINATOR_ADDRESS (host:port of process 0),
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID; `kwargs` (coordinator_address,
+    num_processes, process_id, local_device_ids) override both.
     """
+    for key, env in (("num_processes", "JAX_NUM_PROCESSES"),
+                     ("process_id", "JAX_PROCESS_ID")):
+        if key not in kwargs and os.environ.get(env):
+            kwargs[key] = int(os.environ[env])
     jax.distributed.initialize(**kwargs)
 
 
