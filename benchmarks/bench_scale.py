@@ -4,15 +4,19 @@ A synthetic 200-band scene, abu-airport-2's first 200 bands mirror-tiled
 (flipped copies side by side, so that there are no seams) to 100x100,
 256x256, 512x512, 1024x1024 and 2048x1024, normalised as the reference does
 (fers_jax.tiling.normalise_tiled: data.normalise's numbers without its
-float64 copy) and written once to a .npy file. Each method and size then
-runs in a fresh process that memory-maps that file, and reports its wall
-time and its peak resident memory (ru_maxrss, which counts the pages of the
-input it touched):
+float64 copy) and written once to a .npy file (by a helper process). Each
+method and size then runs in a fresh process that memory-maps that file,
+and reports its wall time and its peak resident memory: VmHWM of
+/proc/self/status, the high-water mark of the process's own address space,
+which counts the pages of the input it touched. (ru_maxrss is not used: on
+Linux a child's ru_maxrss starts at its parent's RSS at fork and survives
+exec, so a worker forked from a big parent would report the parent's
+size.)
 
   rx    detectors.rx_streaming, float64 (statistics over 65536-pixel chunks)
-  crd   detectors.crd (3, 11), float64; 700 s per megapixel here, so only up
-        to --crd-max-pixels (default 512x512: 2048x1024 would take ~25 min
-        on two cores)
+  crd   detectors.crd (3, 11), float64; 300-700 s per megapixel on two
+        busy cores, so only up to --crd-max-pixels (default 512x512;
+        2048x1024 would take 10-25 min)
   ferd  tiled teacher (published 200-band) + streaming RX
   fers  tiled teacher + tiled random-init 200-band student (no trained
         200-band student is published; random weights cost the same) +
@@ -127,8 +131,18 @@ def worker(method: str, path: str, tile, chunk: int) -> dict:
         times.append(time.perf_counter() - start)
     assert np.all(np.isfinite(out)), "non-finite scores"
     return {"first_s": times[0], "steady_s": times[1] if len(times) > 1 else None,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_rss_gb": vm_hwm_bytes() / 2**30,
+            "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "device": str(jax.devices()[0])}
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident memory of this process since its exec (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def bf16_auc() -> dict:
@@ -157,7 +171,7 @@ def bf16_auc() -> dict:
             out[name] = {**aucs, "diff": diff,
                          "max_abs_diff": max(abs(v) for v in diff.values()),
                          "mean_diff": float(np.mean(list(diff.values())))}
-            print(name, json.dumps(out[name]["diff"]), flush=True)
+            print(name, json.dumps(out[name]["diff"]), file=sys.stderr, flush=True)
     return out
 
 
@@ -181,10 +195,20 @@ def main():
                    help="also record the AUC change of bfloat16 networks")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "CUBE"),
                    help=argparse.SUPPRESS)
+    p.add_argument("--bf16-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--write-cube", nargs=3, metavar=("FOLDER", "H", "W"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     tile = tuple(int(v) for v in args.tile.split("x"))
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], tile, args.chunk)))
+        return
+    if args.bf16_worker:
+        print(json.dumps(bf16_auc()))
+        return
+    if args.write_cube:
+        folder, h, w = args.write_cube
+        print(write_cube(pathlib.Path(folder), int(h), int(w)))
         return
     sizes, methods = parse_sizes(args.sizes), args.methods.split(",")
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench_scale_")
@@ -193,13 +217,17 @@ def main():
     rows = []
     try:
         for h, w in sizes:
-            cube = write_cube(folder, h, w)
+            # In a helper process: this one stays small (see vm_hwm_bytes).
+            cube = pathlib.Path(subprocess.run(
+                [sys.executable, __file__, "--write-cube", str(folder), str(h), str(w)],
+                capture_output=True, text=True, check=True, cwd=REPO
+            ).stdout.strip().splitlines()[-1])
             for method in methods:
                 row = {"method": method, "h": h, "w": w, "bands": BANDS,
                        "megapixels": h * w / 1e6, "load_before": os.getloadavg()}
                 if method == "crd" and h * w > args.crd_max_pixels:
                     row["skipped"] = (f"above --crd-max-pixels ({args.crd_max_pixels}):"
-                                      " ~700 s per megapixel on this machine")
+                                      " 300-700 s per megapixel on two cores")
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     continue
@@ -225,13 +253,12 @@ def main():
               "platform": platform.platform(), "python": platform.python_version(),
               "tile": tile, "rx_chunk_pixels": args.chunk,
               "memory_limit_gb": 6, "rows": rows}
-    if args.bf16_auc:
-        result["bfloat16_auc"] = bf16_auc()
-    try:
-        import jax
-        result["jax"] = jax.__version__
-    except ImportError:
-        pass
+    if args.bf16_auc:  # in a helper process too
+        res = subprocess.run([sys.executable, __file__, "--bf16-worker"],
+                             capture_output=True, text=True, check=True, cwd=REPO)
+        result["bfloat16_auc"] = json.loads(res.stdout.strip().splitlines()[-1])
+    from importlib import metadata
+    result["jax"] = metadata.version("jax")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
