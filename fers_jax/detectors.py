@@ -257,7 +257,8 @@ def rx_stats(cube, precision: str = "float64",
         for _, z in _chunks(cube, chunk_pixels):
             scatter += np.asarray(_chunk_scatter(z, lo, span, mean, dtype), np.float64)
         cov = jnp.asarray(scatter / (n - 1), dtype)
-        inverse = _pinv(cov, rtol)
+        with _one_blas_thread():  # the LAPACK call of `rx`, alike
+            inverse = jax.block_until_ready(_pinv(cov, rtol))
     return RXStats(lo, span, mean, inverse, n)
 
 
