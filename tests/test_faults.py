@@ -198,7 +198,7 @@ def test_training_same_seed_gives_identical_parameters(tmp_path):
 
 @pytest.fixture(scope="module")
 def env(request, tmp_path_factory):
-    if request.config.cache is not None:
+    if getattr(request.config, "cache", None) is not None:
         cache = request.config.cache.mkdir("fers_jax_jax_cache")
     else:  # -p no:cacheprovider: a cache for this session only
         cache = tmp_path_factory.mktemp("jax_cache")
