@@ -54,8 +54,19 @@ class ResNetTrunk(nn.Module):
 class LightSPP(nn.Module):
     """Pyramid pooling back to (H, W), 1x1 fuse to B bands, channel attention.
 
-    Each level: adaptive average pool to level x level, bilinear resize to
-    `shape` (align_corners=False); concatenated in `levels` order.
+    As the reference: each level is an adaptive average pool to
+    level x level and a bilinear resize to `shape` (align_corners=False);
+    the levels are concatenated in `levels` order and fused by 1x1 convs
+    (`fuse1` -> `width`, ReLU, `fuse2` -> `bands`, ReLU), then `se`.
+
+    Computed in another order, exact up to float rounding: the resize and
+    fuse1 (bias-free, before its ReLU) are both linear and act on different
+    axes, so fuse1 runs on the small pooled maps and the resized results
+    are summed, rather than fuse1 on the (H, W, 3 C) concatenation -- at
+    64 x 64 that is ~13 GFLOP less per batch of 16 forward and twice that
+    backward. fuse1 keeps its (1, 1, 3 C, width) kernel: it is applied
+    once to the pooled pixels of all levels side by side, each level's
+    channels in its own block of the 3 C inputs and zeros elsewhere.
     """
     bands: int
     width: int = 128
@@ -64,11 +75,21 @@ class LightSPP(nn.Module):
 
     @nn.compact
     def __call__(self, x, shape):
-        pyramid = [layers.resize_bilinear(layers.adaptive_avg_pool(x, s), shape)
-                   for s in self.levels]
-        x = jnp.concatenate(pyramid, axis=-1)
+        n, c = x.shape[0], x.shape[-1]
+        k = len(self.levels)
+        pooled = [layers.adaptive_avg_pool(x, s).reshape(n, s * s, c)
+                  for s in self.levels]
+        blocks = jnp.concatenate(
+            [jnp.pad(p, ((0, 0), (0, 0), (i * c, (k - 1 - i) * c)))
+             for i, p in enumerate(pooled)], axis=1)[:, None]
         conv = functools.partial(layers.conv1x1, kernel_init=layers.spec_uniform)
-        x = nn.relu(conv(self.width, name="fuse1")(x))
+        fused = conv(self.width, name="fuse1")(blocks)[:, 0]
+        x, start = 0, 0
+        for s in self.levels:
+            level = fused[:, start:start + s * s].reshape(n, s, s, self.width)
+            x = x + layers.resize_bilinear(level, shape)
+            start += s * s
+        x = nn.relu(x)
         x = nn.relu(conv(self.bands, name="fuse2")(x))
         return layers.SqueezeExcitation(self.se_reduction, name="se")(x)
 
