@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from fers_jax import configs, convert
 from fers_jax.errors import CheckpointError
@@ -52,6 +53,23 @@ def save_variables(path, variables, meta: dict, overwrite: bool = False):
     Returns the absolute path. Refuses a non-empty folder unless overwrite.
     """
     path = pathlib.Path(path).expanduser().resolve()  # Orbax needs absolute
+    # On many hosts (one shared folder) process 0 alone clears the folder
+    # and writes the record; every process takes part in Orbax's save.
+    primary = jax.process_index() == 0
+    if primary:
+        _empty_folder(path, overwrite)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"fers_jax save {path}")
+    tree = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / VARIABLES_DIR, tree)
+        checkpointer.wait_until_finished()
+    if primary:
+        (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def _empty_folder(path: pathlib.Path, overwrite: bool):
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
             raise CheckpointError(f"{path} exists and is not an empty folder; "
@@ -65,12 +83,6 @@ def save_variables(path, variables, meta: dict, overwrite: bool = False):
     except OSError as e:
         raise CheckpointError(f"{path}: cannot create the checkpoint folder "
                               f"({e.strerror})") from None
-    tree = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path / VARIABLES_DIR, tree)
-        checkpointer.wait_until_finished()
-    (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return path
 
 
 def read_meta(path) -> dict:
