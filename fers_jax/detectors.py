@@ -308,7 +308,7 @@ def fuse(maps: Sequence, mode: str = "sum"):
         raise InputError(f"fusion must be 'sum' or 'product', got {mode!r}")
     # float64 maps (RX's default) stay float64: outside x64 JAX would
     # silently round them to float32 before the product.
-    with jax.enable_x64(any(np.result_type(m) == np.float64 for m in maps)):
+    with jax.enable_x64(any(np.dtype(m.dtype) == np.float64 for m in maps)):
         if mode == "sum":
             return functools.reduce(jnp.add, maps)
         scaled = [minmax(m, axes=(-2, -1)) for m in maps]

@@ -113,7 +113,7 @@ def _kernel_grad_im2col(x, g, kernel_shape, strides, padding, precision):
         return jax.lax.dot_general(
             cols.reshape(-1, kh * kw * c), gb.reshape(-1, o),
             (((0,), (0,)), ((), ())), precision=precision,
-            preferred_element_type=jnp.float32)
+            preferred_element_type=jnp.promote_types(xp.dtype, jnp.float32))
 
     if blocks == 1:
         dk = block(0)
