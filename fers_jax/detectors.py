@@ -16,8 +16,10 @@ reference (SPEC.md section 6):
 
 * "float64" (default): the reference's NumPy RX. Covariance, pseudo-inverse
   and quadratic form in float64, singular values below 1e-15 * the largest
-  dropped (NumPy's pinv). It agrees with the reference to ~4e-6 in AUC;
-  float32 here would move AUCs by up to 0.19.
+  dropped (NumPy's pinv cutoff; the pseudo-inverse of the symmetric
+  covariance through its eigendecomposition, which keeps the same values
+  as the reference's SVD at half the cost). It agrees with the reference to
+  ~4e-6 in AUC; float32 here would move AUCs by up to 0.19.
 * "float32": the reference's batched torch RX, used by its 50-band FERS
   product fusion: float32 throughout, torch.linalg.pinv's default cutoff
   (B * float32 eps * the largest singular value).
@@ -77,25 +79,50 @@ def _scale(x, lo, span):
     return (x - lo) / jnp.where(span > 0, span, 1)
 
 
-def pinv(a, rtol):
-    """Moore-Penrose pseudo-inverse through the SVD, as NumPy and torch do it.
+def pinv(a, rtol, hermitian: bool = False):
+    """Moore-Penrose pseudo-inverse, as NumPy and torch compute it.
 
-    Singular values at or below `rtol` * the largest are dropped. A symmetric
-    eigensolver would be faster, but which tiny values survive the cutoff
-    decides the AUC on near-singular scenes, so the reference's SVD is kept.
+    Through the SVD, or (hermitian=True, NumPy's pinv(hermitian=True)) the
+    eigendecomposition of a symmetric matrix, whose singular values are the
+    absolute eigenvalues: the same pseudo-inverse at about half the cost.
+    Values at or below `rtol` * the largest are dropped.
     """
-    u, s, vt = jnp.linalg.svd(a, full_matrices=False)
-    keep = s > rtol * s[..., :1]
+    if hermitian:
+        s, v = jnp.linalg.eigh(a)
+        u, vt = v, v.swapaxes(-1, -2)
+        mag = jnp.abs(s)
+    else:
+        u, s, vt = jnp.linalg.svd(a, full_matrices=False)
+        mag = s
+    keep = mag > rtol * jnp.max(mag, axis=-1, keepdims=True)
     s_inv = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
     return jnp.matmul(vt.swapaxes(-1, -2) * s_inv[..., None, :],
                       u.swapaxes(-1, -2), precision=_HIGHEST)
 
 
-def _dtype_and_rtol(precision, bands):
+@dataclasses.dataclass(frozen=True)
+class _Form:
+    """The arithmetic of one RX precision: dtype, pinv cutoff and method."""
+    dtype: type
+    rtol: float
+    hermitian: bool
+
+    def pinv(self, cov):
+        return pinv(cov, self.rtol, self.hermitian)
+
+
+def _form(precision, bands) -> _Form:
     if precision == "float64":
-        return jnp.float64, 1e-15
+        # NumPy's pinv cutoff. The covariance is symmetric, and on real
+        # scenes its condition number (1e6-1e9 on the shared ones) is far
+        # from 1 / rtol, so the eigendecomposition keeps the same values as
+        # the reference's SVD and gives its pseudo-inverse to ~cond * eps.
+        return _Form(jnp.float64, 1e-15, True)
     if precision == "float32":
-        return jnp.float32, bands * float(np.finfo(np.float32).eps)
+        # torch.linalg.pinv's default cutoff, through the SVD as torch does:
+        # in float32 the cutoff falls among the covariance's own values, so
+        # the method decides which survive.
+        return _Form(jnp.float32, bands * float(np.finfo(np.float32).eps), False)
     raise InputError(f"RX precision must be one of {PRECISIONS}, got {precision!r}")
 
 
@@ -109,59 +136,77 @@ def _rx_scores(xc, inverse):
     return (jnp.matmul(xc, inverse, precision=_HIGHEST) * xc).sum(axis=-1)
 
 
-def _centre(cube, dtype):
-    """One (H, W, B) cube min-max scaled, as (H*W, B) pixels centred on their
-    mean, and their covariance (divided by N - 1)."""
+def _rx_image(cube, form: _Form):
+    """RX scores (H, W) of one (H, W, B) cube: min-max scaled to [0, 1],
+    centred on the mean pixel, covariance over N - 1, pseudo-inverse,
+    squared Mahalanobis distances."""
     h, w, b = cube.shape
-    x = minmax(cube.astype(dtype)).reshape(h * w, b)
+    x = minmax(cube.astype(form.dtype)).reshape(h * w, b)
     xc = x - x.mean(axis=0)
-    return xc, _scatter(xc) / (h * w - 1)
+    inverse = form.pinv(_scatter(xc) / (h * w - 1))
+    return _rx_scores(xc, inverse).reshape(h, w)
 
 
-def _pinv_each(a, rtol):
-    """pinv of each matrix of a batch (N, B, B).
+def _images_per_step(shape):
+    """How many images of a batch `_rx_batch` handles at once.
 
-    With several CPU devices (--xla_force_host_platform_device_count, a
-    sharded batch) one LAPACK call per matrix (lax.map): jaxlib's batched
-    gesdd spreads a batch over the intra-op thread pool and waits for it,
-    which deadlocks when several devices do so at once (seen with jaxlib
-    0.10.2 on 2 cores). Each matrix's SVD is the same LAPACK call either
-    way; the product after it may round differently (1e-12 relative).
+    On CPU a few at a time (lax.map over groups of vmapped images): each
+    image's pixels stay in cache from the covariance to the scores, which
+    made a batch of 100 64x64x100 images 2.5x faster than vmapping all of
+    them at once. With several CPU devices one at a time: jaxlib's batched
+    LAPACK calls spread a batch over the intra-op thread pool and wait for
+    it, which deadlocked when several devices did so at once (jaxlib 0.10.2,
+    2 cores). On accelerators the whole batch at once.
     """
-    if jax.default_backend() == "cpu" and jax.device_count() > 1:
-        return jax.lax.map(functools.partial(pinv, rtol=rtol), a)
-    return pinv(a, rtol)
+    n, h, w, b = shape
+    if jax.default_backend() != "cpu":
+        return n
+    if jax.device_count() > 1:
+        return 1
+    return max(1, min(n, _RX_CACHE_VALUES // (h * w * b)))
+
+
+_RX_CACHE_VALUES = 1 << 20  # float64 values per step on CPU (8 MB)
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries (None without
+    threadpoolctl). Made once: finding the libraries costs ~1 ms a call."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return None
+    # jaxlib takes LAPACK from SciPy, loading it on first use; a library
+    # loaded after this would escape the limit.
+    import scipy.linalg.cython_lapack  # noqa: F401
+    return threadpoolctl.ThreadpoolController()
 
 
 @contextlib.contextmanager
 def _one_blas_thread():
-    """Runs XLA's per-matrix LAPACK calls (SVD, Cholesky) on one BLAS thread.
+    """Runs XLA's per-matrix LAPACK calls (eigh, SVD, Cholesky) on one BLAS
+    thread.
 
     On CPU they go to SciPy's OpenBLAS, whose threads only add
-    synchronisation on 112 x 112 matrices: a batched SVD ran 8x slower with
-    its default 2 threads on a shared 2-core machine. Process-wide while it
-    lasts (threadpoolctl); a no-op where threadpoolctl is not installed.
+    synchronisation on matrices of a few hundred rows: a batched SVD ran 8x
+    slower with its default 2 threads on a shared 2-core machine.
+    Process-wide while it lasts; a no-op without threadpoolctl.
     """
-    try:
-        import threadpoolctl
-    except ImportError:
+    controller = _blas_controller()
+    if controller is None:
         yield
         return
-    # jaxlib takes LAPACK from SciPy, loading it on first use; a library
-    # loaded inside the `with` would escape the limit.
-    import scipy.linalg.cython_lapack  # noqa: F401
-    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+    with controller.limit(limits=1, user_api="blas"):
         yield
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))
 def _rx_batch(cubes, precision):
     """RX of a batch (N, H, W, B) of cubes, each with its own statistics."""
-    n, h, w, b = cubes.shape
-    dtype, rtol = _dtype_and_rtol(precision, b)
-    xc, cov = jax.vmap(functools.partial(_centre, dtype=dtype))(cubes)
-    scores = jax.vmap(_rx_scores)(xc, _pinv_each(cov, rtol))
-    return scores.reshape(n, h, w)
+    form = _form(precision, cubes.shape[-1])
+    return jax.lax.map(functools.partial(_rx_image, form=form), cubes,
+                       batch_size=_images_per_step(cubes.shape))
 
 
 def rx(cube, precision: str = "float64"):
@@ -179,7 +224,7 @@ def rx(cube, precision: str = "float64"):
     from statistics accumulated over chunks.
     """
     batch, single = as_batch(cube)
-    _dtype_and_rtol(precision, 1)
+    _form(precision, 1)
     with jax.enable_x64(precision == "float64"), _one_blas_thread():
         out = jax.block_until_ready(_rx_batch(jnp.asarray(batch), precision))
     return out[0] if single else out
@@ -205,7 +250,7 @@ def _chunk_scores(z, lo, span, mean, inverse, dtype):
     return _rx_scores(_scale(z.astype(dtype), lo, span) - mean, inverse)
 
 
-_pinv = jax.jit(pinv)
+_pinv = jax.jit(pinv, static_argnames=("hermitian",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +286,8 @@ def rx_stats(cube, precision: str = "float64",
     (float64).
     """
     h, w, b = cube.shape
-    dtype, rtol = _dtype_and_rtol(precision, b)
+    form = _form(precision, b)
+    dtype = form.dtype
     n = h * w
     with jax.enable_x64(precision == "float64"):
         lo, hi = np.inf, -np.inf
@@ -258,7 +304,8 @@ def rx_stats(cube, precision: str = "float64",
             scatter += np.asarray(_chunk_scatter(z, lo, span, mean, dtype), np.float64)
         cov = jnp.asarray(scatter / (n - 1), dtype)
         with _one_blas_thread():  # the LAPACK call of `rx`, alike
-            inverse = jax.block_until_ready(_pinv(cov, rtol))
+            inverse = jax.block_until_ready(
+                _pinv(cov, form.rtol, hermitian=form.hermitian))
     return RXStats(lo, span, mean, inverse, n)
 
 

@@ -95,6 +95,36 @@ def test_rx_batch_equals_one_by_one(golden, precision):
         np.testing.assert_allclose(got[i], detectors.rx(one, precision), rtol=1e-5)
 
 
+def test_rx_batch_in_groups_equals_all_at_once(golden, monkeypatch):
+    # On CPU the batch goes through lax.map in groups of images; 5 images in
+    # groups of 2 leave a remainder of 1.
+    cube = golden("rx.npz")["x"][0].transpose(1, 2, 0)
+    batch = np.stack([cube * (i + 1) + i for i in range(4)] + [cube[::-1]])
+    h, w, b = cube.shape
+    monkeypatch.setattr(detectors, "_RX_CACHE_VALUES", 2 * h * w * b)
+    assert detectors._images_per_step(batch.shape) == 2
+    jax.clear_caches()  # _rx_batch reads the group size when traced
+    grouped = np.asarray(detectors.rx(batch))
+    monkeypatch.setattr(detectors, "_RX_CACHE_VALUES", 1 << 40)
+    jax.clear_caches()
+    np.testing.assert_allclose(grouped, detectors.rx(batch), rtol=1e-9)
+
+
+@pytest.mark.parametrize("definite", [True, False])
+def test_pinv_hermitian_equals_numpy(definite):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(30, 12)) @ rng.normal(size=(12, 12))
+    a = x.T @ x if definite else x.T @ np.diag(rng.normal(size=30)) @ x
+    a[:, -1] = a[-1, :] = 0  # singular: one value must be dropped
+    with jax.enable_x64(True):
+        got = np.asarray(detectors.pinv(a, 1e-12, hermitian=True))
+        svd = np.asarray(detectors.pinv(a, 1e-12))
+    want = np.linalg.pinv(a, rcond=1e-12, hermitian=True)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() < 1e-10 * scale
+    assert np.abs(svd - want).max() < 1e-10 * scale
+
+
 @pytest.mark.parametrize("name", SCENE_NAMES)
 def test_rx_on_scenes_matches_reference_maps(name):
     scene = data.load_scene(SCENES / f"{name}.mat")
