@@ -443,14 +443,15 @@ def _lrx_pixels(xb, y, rtol):
     d = y - mean
     if xb.shape[-1] <= k:
         cov = jnp.einsum("pkb,pkc->pbc", xc, xc, precision=_HIGHEST) / (k - 1)
-        return jnp.einsum("pb,pbc,pc->p", d, pinv(cov, rtol), d,
+        return jnp.einsum("pb,pbc,pc->p", d, pinv(cov, rtol, hermitian=True), d,
                           precision=_HIGHEST)
     # More bands than background pixels: the covariance has rank < K, and
-    # d' pinv(C) d = (K - 1) |pinv(Xc Xc') Xc d|^2 (both through the SVD of
-    # Xc, with the same singular values kept), a K x K instead of B x B SVD.
+    # d' pinv(C) d = (K - 1) |pinv(Xc Xc') Xc d|^2 (both from the singular
+    # values of Xc, the same ones kept): a K x K instead of a B x B
+    # eigendecomposition.
     gram = jnp.einsum("pkb,plb->pkl", xc, xc, precision=_HIGHEST)
     g = jnp.einsum("pkb,pb->pk", xc, d, precision=_HIGHEST)
-    z = jnp.einsum("pkl,pl->pk", pinv(gram, rtol), g, precision=_HIGHEST)
+    z = jnp.einsum("pkl,pl->pk", pinv(gram, rtol, hermitian=True), g, precision=_HIGHEST)
     return (k - 1) * jnp.sum(z * z, axis=-1)
 
 
@@ -487,7 +488,9 @@ def lrx(cube, inner: int = 3, outer: int = 11, rtol: float = LRX_RTOL,
 
     Pseudo-inverse: with K <= B (e.g. 112 background pixels and 200 bands) C
     is singular by construction, so the cutoff is part of the method.
-    Singular values below `rtol` * the largest are dropped. On the shared
+    Eigenvalues below `rtol` * the largest are dropped (the pseudo-inverse
+    of the symmetric C, or of the K x K Gram of the centred background
+    when K <= B, through its eigendecomposition). On the shared
     scenes the kept eigenvalues of local covariances reach down to about
     1e-8 of the largest and the rank-deficiency zeros come out near 1e-16
     (float64 rounding of the product); 1e-10 sits in that gap, 4 orders
@@ -503,8 +506,8 @@ def lrx(cube, inner: int = 3, outer: int = 11, rtol: float = LRX_RTOL,
       chunk: pixels processed at once. A 512 x 512 x 200 image needs about
         0.9 GB (XLA's estimate; mostly the float64 padded image).
 
-    Time: the per-pixel K x K SVD of the pseudo-inverse dominates (about
-    2 ms for K = 112 on a 2-core EPYC).
+    Time: the per-pixel K x K eigendecomposition of the pseudo-inverse
+    dominates.
 
     Returns:
       float64 scores, (H, W) or (N, H, W).
