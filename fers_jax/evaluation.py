@@ -11,13 +11,20 @@ chosen detector, scores every map and writes, under `out`:
 * roc.png, the ROC curves of all scored scenes;
 * report.md and report.html with the table, maps, ROC curves and box plots;
 * features/<name>.npz with spe_f / spa_f when `export` is set (FERD, FERS).
+
+Maps, features and plots are written to a hidden staging folder in `out`
+and moved into place only when every scene has been scored: a run that
+stops half way (a corrupt scene, Ctrl-C) leaves the outputs of an earlier
+run in `out` as they were.
 """
 
 import dataclasses
 import json
 import os
 import pathlib
+import contextlib
 import re
+import shutil
 import tempfile
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -204,6 +211,25 @@ def _unique_name(name: str, taken: set) -> str:
     return candidate
 
 
+@contextlib.contextmanager
+def _staging(out: pathlib.Path):
+    """A hidden folder in `out` for a run's files, removed if the run fails."""
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: pathlib.Path, out: pathlib.Path) -> None:
+    """Moves every file of `stage` to the same place under `out` (each move
+    atomic, os.replace)."""
+    for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+        dst = out / src.relative_to(stage)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+
+
 def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
              progress: bool = True) -> dict:
     """Runs one method over scenes and writes its results under `out`.
@@ -218,7 +244,8 @@ def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
     curves = {}
     # As a context: a failure mid-run closes the bar first, so that the
     # error is printed on a line of its own.
-    with _progress(len(files), cfg.method, progress) as bar:
+    with _staging(out) as stage, _progress(len(files), cfg.method, progress) as bar:
+        (stage / "maps").mkdir()
         for scenes, batch in _batches(files, cfg):
             try:
                 maps, extras, seconds, compile_s = _timed(detector, batch,
@@ -235,20 +262,21 @@ def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
                        "compile_seconds": compile_s if i == 0 else 0.0,
                        "path": scene.path}
                 rows.append(row)
-                np.save(out / "maps" / f"{name}.npy", score_map)
+                np.save(stage / "maps" / f"{name}.npy", score_map)
                 if extras:
-                    _export(out, name, {k: v[i] for k, v in extras.items()})
+                    _export(stage, name, {k: v[i] for k, v in extras.items()})
                 if row["auc"] is not None and cfg.plots:
                     curves[name] = metrics.roc_curve(score_map, scene.gt)
                 if cfg.plots:
                     from fers_jax import plots
-                    plots.save_map(out / "maps" / f"{name}.png", score_map, scene.gt,
-                                   title=f"{name} ({cfg.method})")
+                    plots.save_map(stage / "maps" / f"{name}.png", score_map,
+                                   scene.gt, title=f"{name} ({cfg.method})")
                 bar.update(1)
-    results = _summary(cfg, rows)
-    if cfg.plots and curves:
-        from fers_jax import plots
-        plots.save_roc(out / "roc.png", curves, title=f"ROC ({cfg.method})")
+        results = _summary(cfg, rows)
+        if cfg.plots and curves:
+            from fers_jax import plots
+            plots.save_roc(stage / "roc.png", curves, title=f"ROC ({cfg.method})")
+        _publish(stage, out)
     write_json_atomic(out / "results.json", results)
     from fers_jax import report
     report.write_report(out, results)

@@ -113,18 +113,24 @@ def test_corrupt_scene_mid_run_aborts_and_keeps_earlier_results(tmp_path, capsys
     out = tmp_path / "out"
     assert _eval("--scenes", scenes, "--out", out) == 0
     before = (out / "results.json").read_bytes()
-    # A corrupt file between the good ones, then the same run again: it
-    # stops at the bad scene with one error, and nothing it had half done
-    # replaces the earlier results.
-    (scenes / "b_corrupt.npz").write_bytes(
+    map_before = (out / "maps" / "a_good.npy").read_bytes()
+    # A corrupt file after the good ones, then the run again with new
+    # data in the first scene: it stops at the bad scene with one error,
+    # and nothing it had done (the first scene's new map included) replaces
+    # the earlier results.
+    (scenes / "d_corrupt.npz").write_bytes(
         (scenes / "a_good.npz").read_bytes()[:700])
+    _scene(scenes / "a_good.npz", 7)
     capsys.readouterr()
-    assert _eval("--scenes", scenes, "--out", out) == 2
+    # (batch size 1: the first scene is scored before the corrupt last one is read)
+    assert _eval("--scenes", scenes, "--out", out, "--batch-size", 1) == 2
     err = capsys.readouterr().err
-    assert f"error: {scenes / 'b_corrupt.npz'}: not a readable .npz file" in err
+    assert f"error: {scenes / 'd_corrupt.npz'}: not a readable .npz file" in err
     assert "Traceback" not in err
     assert (out / "results.json").read_bytes() == before
+    assert (out / "maps" / "a_good.npy").read_bytes() == map_before
     assert not list(out.glob(".results.json.*"))
+    assert not list(out.glob(".staging-*"))
     # Without an earlier run there is no results.json at all.
     assert _eval("--scenes", scenes, "--out", tmp_path / "fresh") == 2
     assert not (tmp_path / "fresh" / "results.json").exists()
