@@ -431,6 +431,138 @@ def test_stage1_run_validates_and_exports_a_teacher(straight_run):
         np.testing.assert_equal(jax.tree.map(np.asarray, got), want)
 
 
+def _scripted_validation(monkeypatch, maucs):
+    """Makes the loop's validation report val_mauc maucs[step] (so the best
+    epoch is known in advance); returns {step: host copy of the variables
+    validated}."""
+    seen = {}
+
+    def fake(task, st, val, test, mesh=None):
+        step = int(st.step)
+        seen[step] = host(st.variables())
+        return {"val_mauc": maucs[step], "val_auc": {"x": maucs[step]}}
+    monkeypatch.setattr(loop, "validate", fake)
+    return seen
+
+
+def test_best_survives_resume_after_the_best_epoch(scene_crop, tmp_path,
+                                                   monkeypatch):
+    """Best epoch 1 of 3; interrupted in epoch 3, resumed, finished: best/
+    holds epoch 1's model (Orbax's keep-best forgets the metrics of
+    checkpoints written before a restart and may delete that step)."""
+    seen = _scripted_validation(monkeypatch, {10: 0.9, 20: 0.5, 30: 0.4})
+    cfg = dict(steps=30, val=(str(scene_crop),))
+
+    def interrupt(batch):
+        signal.raise_signal(signal.SIGTERM)
+        return batch
+    _wrap_step(monkeypatch, 25, interrupt)
+    summary = loop.train_and_evaluate(tiny_config("stage1", tmp_path, **cfg))
+    assert summary["interrupted"] == "SIGTERM" and summary["step"] == 25
+    assert checkpoints.is_checkpoint(tmp_path / "best" / "stage1")
+    monkeypatch.setattr(loop, "jit_train_step", state.jit_train_step)
+
+    summary = loop.train_and_evaluate(tiny_config("stage1", tmp_path,
+                                                  resume=True, **cfg))
+    assert summary["step"] == 30
+    assert summary["best"]["step"] == 10 and summary["best"]["epoch"] == 1
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["best"] == summary["best"]
+    assert on_disk["best_export"]["stage1"] == str(tmp_path / "best" / "stage1")
+    assert [r["best"] for r in read_jsonl(tmp_path / "metrics.jsonl")
+            if r["kind"] == "epoch"] == [True, False, False]
+    got, meta = checkpoints.load_variables(tmp_path / "best" / "stage1",
+                                           "stage1")
+    assert_trees_equal(jax.tree.map(np.asarray, got), seen[10])
+    _, teacher = checkpoints.load_teacher(tmp_path / "best" / "teacher", BANDS)
+    want = stage1.task(BANDS, "tiny").teacher(seen[10])[1]
+    assert_trees_equal(jax.tree.map(np.asarray, teacher), want)
+    # Nothing left over from the atomic replacement.
+    assert sorted(p.name for p in tmp_path.iterdir()
+                  if p.name.startswith(".best")) == []
+
+    # A run folder without best/ (as the old code left it) whose best step's
+    # checkpoint is gone: the run still finishes, saying so.
+    import shutil
+    shutil.rmtree(tmp_path / "best")
+    summary = loop.train_and_evaluate(tiny_config("stage1", tmp_path,
+                                                  resume=True, **cfg))
+    assert summary["step"] == 30 and summary["best"]["step"] == 10
+    assert summary["best_export"] is None
+    assert not (tmp_path / "best").exists()
+
+
+def test_best_export_replaces_best_atomically(tmp_path, monkeypatch):
+    """best/ is replaced whole or not at all: an export that fails half way
+    or a kill between the renames leaves the previous best/ (mended by
+    _recover_best on the next start)."""
+    import os
+    import types
+    from fers_jax import configs
+    meta = checkpoints.model_meta("teacher", configs.ferd_tiny(BANDS))
+
+    class Task:
+        fail = False
+
+        def export(self, variables, folder):
+            a = checkpoints.save_variables(folder / "a", variables, meta)
+            if self.fail:
+                raise OSError("disk full")
+            return {"a": str(a), "b": str(checkpoints.save_variables(
+                folder / "b", variables, meta))}
+
+    def variables_of(value):
+        return types.SimpleNamespace(
+            variables=lambda: {"params": {"w": np.full(3, value, np.float32)}})
+
+    def held(name="a"):
+        return float(checkpoints.load_variables(
+            tmp_path / "best" / name)[0]["params"]["w"][0])
+
+    def leftovers():
+        return sorted(p.name for p in tmp_path.iterdir()
+                      if p.name.startswith(".best"))
+
+    run = types.SimpleNamespace(primary=True, out=tmp_path, task=Task(),
+                                best={"step": 10, "epoch": 1, "metric": 0.9})
+    loop._export_best(run, variables_of(1.0))
+    assert loop._best_step_on_disk(run) == 10 and held("b") == 1.0
+
+    run.best, run.task.fail = {"step": 20, "epoch": 2, "metric": 0.95}, True
+    with pytest.raises(OSError, match="disk full"):
+        loop._export_best(run, variables_of(2.0))
+    assert loop._best_step_on_disk(run) == 10 and held() == held("b") == 1.0
+    loop._recover_best(run)
+    assert leftovers() == []
+
+    real_replace = os.replace
+
+    def killed_between_renames(src, dst):
+        if os.path.basename(src) == ".best.tmp":
+            raise KeyboardInterrupt  # the kill
+        real_replace(src, dst)
+    run.task.fail = False
+    monkeypatch.setattr(os, "replace", killed_between_renames)
+    with pytest.raises(KeyboardInterrupt):
+        loop._export_best(run, variables_of(2.0))
+    monkeypatch.undo()
+    assert not (tmp_path / "best").exists()
+    loop._recover_best(run)
+    assert loop._best_step_on_disk(run) == 10 and held() == 1.0
+    assert leftovers() == []
+
+    loop._export_best(run, variables_of(2.0))
+    assert loop._best_step_on_disk(run) == 20 and held() == held("b") == 2.0
+    assert leftovers() == []
+    # A best/ that training did not write is left alone.
+    (tmp_path / "best" / "best_epoch.json").unlink()
+    (tmp_path / "best" / "mine.txt").write_text("")
+    (tmp_path / "new").mkdir()
+    with pytest.raises(loop.TrainingError, match="refusing to replace"):
+        loop._replace_folder(tmp_path / "new", tmp_path / "best")
+    assert (tmp_path / "best" / "mine.txt").is_file() and held() == 2.0
+
+
 def test_stage2_run_files_and_evaluate(scene_crop, tmp_path):
     out = tmp_path / "run"
     summary = loop.train_and_evaluate(tiny_config(
@@ -445,7 +577,9 @@ def test_stage2_run_files_and_evaluate(scene_crop, tmp_path):
     assert epoch["step"] == 10 and epoch["best"]
     assert set(epoch["val_auc"]) == {"airport_crop"}
     assert summary["select"] == "val" and summary["best"]["step"] == 10
-    assert sorted(checkpointing_for(out).all_steps()) == [10, 12]
+    assert sorted(checkpointing_for(out).all_steps()) == [12]  # the latest
+    assert json.loads((out / "best" / "best_epoch.json").read_text()) == \
+        summary["best"]
     for name in ("config.json", "summary.json"):
         assert (out / name).is_file()
     for folder in ("final", "best"):

@@ -1,11 +1,13 @@
-"""Training checkpoints: one Orbax CheckpointManager keeping latest and best.
+"""Training checkpoints: one Orbax CheckpointManager keeping the latest.
 
 Each checkpoint `<dir>/<step>/` holds two items:
   state  the TrainState (step, params, frozen, batch_stats, opt_state);
   meta   JSON: the input pipeline's position, epoch, the best epoch so far,
          the task and the run's config.
-Kept: the latest checkpoint and the one with the best selection metric
-(saved with the checkpoints written after validation).
+Kept: the latest checkpoint only. The best epoch's model is not kept here
+but exported (a fers_jax checkpoint, run folder's best/) when validation
+finds it: Orbax's keep-best policy forgets the metrics of checkpoints
+written before a restart, so a resumed run could lose the best step.
 """
 
 import pathlib
@@ -19,26 +21,18 @@ from orbax.checkpoint import checkpoint_managers as policies
 from fers_jax.errors import CheckpointError
 from fers_jax.training.state import TrainState
 
-METRIC = "select"  # the key of the selection metric in a checkpoint's metrics
-
 
 class Checkpoints:
     """Save and restore TrainStates with their metadata.
 
     Args:
       directory: where checkpoints go (made absolute; Orbax requires it).
-      keep_best: also keep the checkpoint with the highest metric.
     """
 
-    def __init__(self, directory, keep_best: bool = True):
+    def __init__(self, directory):
         self.directory = pathlib.Path(directory).expanduser().resolve()
-        keep = [policies.LatestN(1)]
-        if keep_best:
-            keep.append(policies.BestN(
-                get_metric_fn=lambda m: m[METRIC], reverse=False, n=1,
-                keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policies.AnyPreservationPolicy(keep),
+            preservation_policy=policies.LatestN(1),
             # Synchronous: a save is on disk when save() returns, so a signal
             # or a crash right after it loses nothing.
             enable_async_checkpointing=False, cleanup_tmp_directories=True,
@@ -52,16 +46,14 @@ class Checkpoints:
     def all_steps(self):
         return list(self.manager.all_steps())
 
-    def save(self, state: TrainState, meta: dict,
-             metric: Optional[float] = None) -> int:
-        """Writes a checkpoint at state.step; `metric` ranks it for 'best'."""
+    def save(self, state: TrainState, meta: dict) -> int:
+        """Writes a checkpoint at state.step (and drops the one before)."""
         step = int(state.step)
         # Host copies: the next (donating) train step may reuse the buffers.
         tree = jax.tree.map(lambda a: np.array(a, copy=True), state.to_dict())
-        metrics = None if metric is None else {METRIC: float(metric)}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-            metrics=metrics, force=True)
+            force=True)
         self.manager.wait_until_finished()
         return step
 

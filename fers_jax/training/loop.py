@@ -2,8 +2,9 @@
 
 Epoch loop over resumable shuffled batches, one jitted `train_step` per
 batch, per-epoch mAUC on validation / test scenes, Orbax checkpoints
-(latest + best), metrics.jsonl, a progress bar, exact resume, and the
-export of the final and best models as fers_jax checkpoints.
+(the latest), metrics.jsonl, a progress bar, exact resume, and the
+export of the best model (when found) and the final one as fers_jax
+checkpoints.
 
 Data parallel over a device mesh (`parallel`): every batch is split over
 the devices (and hosts), the state replicated; one device is a mesh of one.
@@ -16,9 +17,13 @@ The run folder `out` holds:
                   "grad_norm", "param_norm", "time"} per logged step and
                   {"kind": "epoch", "step", "epoch", "val_mauc", "val_auc",
                   "test_mauc", "test_auc", "best"} per epoch
-  checkpoints/    Orbax: <step>/state and <step>/meta, latest and best
-  final/, best/   fers_jax checkpoints for evaluate.py (stage 1: stage1/
-                  and teacher/; stage 2: student/, frn/, teacher/)
+  checkpoints/    Orbax: <step>/state and <step>/meta, the latest
+  best/           fers_jax checkpoints for evaluate.py (stage 1: stage1/
+                  and teacher/; stage 2: student/, frn/, teacher/) of the
+                  best epoch so far, and best_epoch.json (its step, epoch,
+                  metric); written whenever validation finds a new best,
+                  in a temporary sibling folder renamed into place
+  final/          the same checkpoints of the last step
   summary.json    where everything went, the best epoch
 """
 
@@ -26,7 +31,9 @@ import contextlib
 import functools
 import json
 import math
+import os
 import pathlib
+import shutil
 import signal
 import threading
 import time
@@ -34,6 +41,7 @@ from typing import Dict, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fers_jax import checkpoints as model_checkpoints
 from fers_jax import data, input_pipeline, metrics
@@ -306,15 +314,17 @@ class _Run:
         self.state = parallel.replicate(create_train_state(
             variables, self.task.trainable, self.optimizer.build()), mesh)
         del variables
-        self.ckpts = checkpointing.Checkpoints(self.out / "checkpoints",
-                                               keep_best=self.select != "none")
+        self.ckpts = checkpointing.Checkpoints(self.out / "checkpoints")
         try:
             self.state, meta = _restore_or_start(cfg, self.select, self.ckpts,
                                                  self.state)
+            self.best = meta.get("best") if meta else None
+            _recover_best(self)
+            if meta:
+                _reconcile_best(self)
         except BaseException:
             self.ckpts.close()
             raise
-        self.best = meta.get("best") if meta else None
         self.batches = input_pipeline.batches(
             self.source, cfg.batch_size, seed=self.data_seed, bands=cfg.bands,
             band_start=cfg.band_start, state=meta["data"] if meta else None,
@@ -335,13 +345,110 @@ class _Run:
                 "epoch": self.batches.state["epoch"], "data": self.batches.state,
                 "best": self.best}
 
-    def save(self, metric=None):
-        self.ckpts.save(self.state, self.meta(), metric)
+    def save(self):
+        self.ckpts.save(self.state, self.meta())
 
     def close(self):
         self.batches.close()
         self.log.close()
         self.ckpts.close()
+
+
+# --- The best model: best/, replaced atomically -----------------------------------
+
+BEST = "best"
+BEST_RECORD = "best_epoch.json"  # in best/: run.best of the model it holds
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _best_tmp(out: pathlib.Path) -> pathlib.Path:
+    return out / f".{BEST}.tmp"
+
+
+def _best_old(out: pathlib.Path) -> pathlib.Path:
+    return out / f".{BEST}.old"
+
+
+def _export_best(run: _Run, state: TrainState):
+    """Writes `state`'s model and run.best to best/: all processes export
+    into a temporary sibling folder, then process 0 alone renames it into
+    place, so best/ is never half written (see `_recover_best`)."""
+    tmp, best = _best_tmp(run.out), run.out / BEST
+    if run.primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _sync(f"fers_jax best export {run.best['step']} start")
+    run.task.export(state.variables(), tmp)
+    if run.primary:
+        write_json_atomic(tmp / BEST_RECORD, _finite_or_none(run.best))
+    _sync(f"fers_jax best export {run.best['step']} written")
+    if run.primary:
+        _replace_folder(tmp, best)
+    _sync(f"fers_jax best export {run.best['step']} done")
+
+
+def _replace_folder(new: pathlib.Path, dest: pathlib.Path):
+    """dest := new by renames; a kill between them leaves dest's previous
+    contents complete in .<dest>.old, where `_recover_best` finds them."""
+    old = _best_old(dest.parent)
+    if dest.exists():
+        if not ((dest / BEST_RECORD).is_file() or (dest.is_dir() and all(
+                model_checkpoints.is_checkpoint(p) for p in dest.iterdir()))):
+            raise TrainingError(f"{dest} is not a best model folder written by "
+                                f"training; refusing to replace it")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_best(run: _Run):
+    """Mends what a kill during `_export_best` left: the previous best/
+    back in place if the new one never arrived, no temporary folders."""
+    if run.primary:
+        best, old = run.out / BEST, _best_old(run.out)
+        if old.is_dir() and not best.exists():
+            os.replace(old, best)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_best_tmp(run.out), ignore_errors=True)
+    _sync("fers_jax best recovered")
+
+
+def _best_step_on_disk(run: _Run) -> Optional[int]:
+    """The step of the model in best/ by its record (process 0 reads it,
+    every process gets its answer), None if there is none."""
+    step = -1
+    if run.primary:
+        try:
+            record = json.loads((run.out / BEST / BEST_RECORD).read_text())
+            step = int(record["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if jax.process_count() > 1:
+        step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
+    return None if step < 0 else step
+
+
+def _reconcile_best(run: _Run):
+    """On resume: makes best/ hold the model of the restored run.best where
+    it does not (a run folder from before best/ was written at each new
+    best), from the restored state or a checkpoint still on disk."""
+    if run.best is None or _best_step_on_disk(run) == run.best["step"]:
+        return
+    step = run.best["step"]
+    if step == int(run.state.step):
+        state = run.state
+    elif step in run.ckpts.all_steps():
+        state, _ = run.ckpts.restore(step, run.state)
+    else:
+        _say(f"WARNING: {run.out / BEST} does not hold the best epoch so far "
+             f"(step {step}) and its checkpoint is gone; best/ is written again "
+             f"when validation finds a new best")
+        return
+    _export_best(run, state)
 
 
 def train_and_evaluate(cfg: TrainConfig, mesh=None) -> dict:
@@ -406,10 +513,11 @@ def _train(run: _Run) -> Optional[str]:
             bar.update(1)
             bar.set_postfix(loss=f"{measured['loss']:.4g}", epoch=epoch)
             epoch_done = run.batches.state["step_in_epoch"] == 0
-            metric = _end_of_epoch(run, step, epoch) if epoch_done else None
+            if epoch_done:
+                _end_of_epoch(run, step, epoch)
             if (epoch_done or step == run.total or stop.requested
                     or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-                run.save(metric)
+                run.save()
             if stop.requested:
                 _say(f"{stop.requested}: stopped at step {step}; checkpoint "
                      f"saved in {run.ckpts.directory}; continue with --resume")
@@ -435,10 +543,15 @@ def _stop_non_finite(run: _Run, step: int, epoch: int, measured: dict):
                         f"{epoch}): {terms}; training stopped, {kept}")
 
 
-def _end_of_epoch(run: _Run, step: int, epoch: int) -> Optional[float]:
-    """Validation, the epoch record, the best epoch. Returns the metric."""
+def _end_of_epoch(run: _Run, step: int, epoch: int):
+    """Validation, the epoch record, the best epoch (exported to best/).
+
+    A new best is exported before the epoch's checkpoint is saved, so the
+    best epoch that any checkpoint records is already in best/ (a kill in
+    between replays the epoch on resume and exports it again).
+    """
     if not (run.val or run.test):
-        return None
+        return
     t0 = time.perf_counter()
     record = validate(run.task, run.state, run.val, run.test, run.mesh)
     metric = record.get(f"{run.select}_mauc")
@@ -447,27 +560,30 @@ def _end_of_epoch(run: _Run, step: int, epoch: int) -> Optional[float]:
     if improved:
         run.best = {"step": step, "epoch": epoch, "metric": metric,
                     "select": run.select}
+        _export_best(run, run.state)
     run.log.write({"kind": "epoch", "step": step, "epoch": epoch, **record,
                    "best": improved,
                    "seconds": round(time.perf_counter() - t0, 3)})
     scores = ", ".join(f"{k} {v:.4f}" for k, v in record.items()
                        if k.endswith("_mauc"))
     _say(f"epoch {epoch} (step {step}): {scores}" + (" (best)" if improved else ""))
-    return metric
 
 
 def _finish(run: _Run) -> dict:
-    """Exports the final and best models; writes summary.json."""
+    """Exports the final model; writes summary.json (with where best/ is:
+    the best epoch's model was exported when validation found it)."""
     summary = {"interrupted": None, "step": int(run.state.step),
                "epoch": run.batches.state["epoch"], "select": run.select,
                "best": run.best, "checkpoints": str(run.ckpts.directory),
                "final": run.task.export(run.state.variables(), run.out / "final")}
     if run.best is not None:
-        state = run.state
-        if run.best["step"] != int(state.step):
-            state, _ = run.ckpts.restore(run.best["step"], run.state)
-        summary["best_export"] = run.task.export(state.variables(),
-                                                 run.out / "best")
+        if _best_step_on_disk(run) == run.best["step"]:
+            summary["best_export"] = {name: str(run.out / BEST / name)
+                                      for name in summary["final"]}
+        else:  # only after a resume that _reconcile_best could not mend
+            summary["best_export"] = None
+            _say(f"WARNING: {run.out / BEST} does not hold the best epoch "
+                 f"(step {run.best['step']}); no best model exported")
     if run.primary:
         write_json_atomic(run.out / "summary.json", summary)
     _say(f"done: step {summary['step']}; final model in {run.out / 'final'}"
