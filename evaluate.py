@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="FERD/FERS network arithmetic (bfloat16: for accelerators; "
                         "RX keeps --precision)")
     p.add_argument("--no-shard", dest="shard", action="store_false",
-                   help="with several devices, do not split batches over them")
+                   help="run every batch on the first device alone, not "
+                        "split over all of them (fers_jax.parallel)")
     p.add_argument("--no-plots", dest="plots", action="store_false",
                    help="skip the PNG maps and ROC figure")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -9,7 +9,7 @@
 
 Trains on every device, each batch split evenly over them (--batch-size
 must be divisible by their number). On several hosts, start the same
-command on each with --distributed (see fers_jax.training.parallel).
+command on each with --distributed (see fers_jax.parallel).
 
 Writes DIR/metrics.jsonl, DIR/checkpoints/ (latest and best), and the final
 and best models as fers_jax checkpoints in DIR/final/ and DIR/best/
@@ -21,8 +21,8 @@ checkpoint and stops; --resume continues exactly where it stopped.
 import argparse
 import sys
 
-from fers_jax import cli
-from fers_jax.training import config, loop, parallel
+from fers_jax import cli, parallel
+from fers_jax.training import config, loop
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import jax
 import numpy as np
 
-from fers_jax import data, detectors, metrics
+from fers_jax import data, detectors, metrics, parallel
 from fers_jax.errors import InputError
 
 CLASSICAL = ("rx", "lrx", "crd")
@@ -71,11 +71,16 @@ class EvalConfig:
 def build_detector(cfg: EvalConfig) -> Tuple[Detector, EvalConfig]:
     """The detector function for `cfg.method`, compiled lazily per shape.
 
+    Whole-image batches of RX, FERD and FERS are sharded over a mesh of
+    every device (fers_jax.parallel), or of the first alone when
+    `cfg.shard` is off.
+
     Returns the detector and the config with `bands` filled in where a
     checkpoint decides it.
     """
+    mesh = parallel.make_mesh() if cfg.shard else parallel.one_device_mesh()
     if cfg.method == "rx":
-        return _rx_detector(cfg), cfg
+        return _rx_detector(cfg, mesh), cfg
     if cfg.method == "lrx":
         return (lambda x: (np.asarray(
             detectors.lrx(x, cfg.inner, cfg.outer)), {})), cfg
@@ -84,25 +89,24 @@ def build_detector(cfg: EvalConfig) -> Tuple[Detector, EvalConfig]:
             detectors.crd(x, cfg.inner, cfg.outer, cfg.lam)), {})), cfg
     if cfg.method in LEARNED:
         from fers_jax import inference  # pulls in Flax only when needed
-        detector, bands = inference.build_detector(cfg)
+        detector, bands = inference.build_detector(cfg, mesh)
         return detector, dataclasses.replace(cfg, bands=bands)
     raise InputError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
 
 
-def _rx_detector(cfg: EvalConfig) -> Detector:
-    """RX on whole images (a batch sharded over the devices when there are
-    several), or streamed over row chunks when tiling applies
-    (detectors.rx_streaming: the same statistics, bounded memory)."""
+def _rx_detector(cfg: EvalConfig, mesh) -> Detector:
+    """RX on whole images (a batch sharded over `mesh`), or streamed over
+    row chunks when tiling applies (detectors.rx_streaming: the same
+    statistics, bounded memory)."""
     from fers_jax import tiling
     precision = "float64" if cfg.precision == "auto" else cfg.precision
-    mesh = tiling.batch_mesh() if cfg.shard else None
 
     def detect(x):
         if tiling.resolve_tile(cfg.tile, np.shape(x), "rx", precision) is not None:
             return np.stack([np.asarray(detectors.rx_streaming(xi, precision))
                              for xi in x]), {}
-        xs, n = tiling.shard_batch(x, mesh)
-        return np.asarray(detectors.rx(xs, precision))[:n], {}
+        xs, n = parallel.shard_padded(x, mesh)
+        return parallel.to_host(detectors.rx(xs, precision))[:n], {}
     return detect
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fers_jax import checkpoints, detectors
+from fers_jax import checkpoints, detectors, parallel
 from fers_jax.errors import InputError
 
 FUSIONS = ("auto", "sum", "product")
@@ -91,18 +91,18 @@ def feature_extractor(teacher_path, student_path: Optional[str] = None,
 
     Args:
       dtype: 'float32' or 'bfloat16' network arithmetic (see FeatureExtractor).
-      mesh: a 1-D device mesh (tiling.batch_mesh): the variables are
-        replicated on its devices, for inputs sharded over the batch axis.
+      mesh: the device mesh (fers_jax.parallel.make_mesh) the variables
+        are replicated on, for inputs sharded over its 'data' axis
+        (parallel.shard_padded); default: one device.
     """
-    from fers_jax import tiling
     _check_dtype(dtype)
     teacher, t_vars = checkpoints.load_teacher(teacher_path, bands)
     bands = teacher.config.bands
     student, s_vars = (checkpoints.load_student(student_path, bands)
                        if student_path is not None else (None, None))
     cast = jnp.dtype(dtype)
-    variables = tiling.replicate(jax.tree.map(lambda a: jnp.asarray(a, cast), (
-        t_vars, s_vars)), mesh)
+    variables = parallel.replicate(jax.tree.map(lambda a: jnp.asarray(a, cast), (
+        t_vars, s_vars)), mesh if mesh is not None else parallel.one_device_mesh())
 
     # The variables are arguments, not closed-over constants: XLA would fold
     # constants into the graph (BatchNorm into the convs, ...) and round
@@ -147,13 +147,14 @@ def fers_map(x, spe_f, spa_f, fusion: str, precision: str = "auto"):
                            detectors.rx(x + spe_f, precision)], "product")
 
 
-def build_detector(cfg) -> Tuple[Callable, int]:
+def build_detector(cfg, mesh=None) -> Tuple[Callable, int]:
     """The evaluation detector for cfg.method 'ferd' or 'fers'.
 
     Whole images by default; tile by tile (fers_jax.tiling, same maps to
     float32 rounding) where `cfg.tile` is (H, W), or where it is 'auto' and
     tiling.auto_tile says a batch is too large. Whole-image batches are
-    sharded over the devices when there are several and `cfg.shard`.
+    sharded over `mesh` (fers_jax.parallel.make_mesh; default: one device),
+    padded to a multiple of its size.
 
     Returns:
       (detector, bands): detector(x (N, H, W, B)) -> (maps, features), and the
@@ -161,7 +162,7 @@ def build_detector(cfg) -> Tuple[Callable, int]:
     """
     from fers_jax import tiling
     student = cfg.student if cfg.method == "fers" else None
-    mesh = tiling.batch_mesh() if getattr(cfg, "shard", True) else None
+    mesh = mesh if mesh is not None else parallel.one_device_mesh()
     extractor = feature_extractor(cfg.teacher, student, cfg.bands,
                                   getattr(cfg, "dtype", "float32"), mesh)
     tile_opt = getattr(cfg, "tile", None)
@@ -180,14 +181,14 @@ def build_detector(cfg) -> Tuple[Callable, int]:
                 tiled[tile] = extractor.tiled(tile)
             return tiling.detect_tiled(tiled[tile], x, cfg.method, cfg.fusion,
                                        cfg.precision, export=cfg.export)
-        xs, n = tiling.shard_batch(x, mesh)
+        xs, n = parallel.shard_padded(x, mesh)
         feats = extractor(xs)
         if cfg.method == "ferd":
             maps = ferd_map(xs, feats["spe_f"], rx_precision(x.shape[-1]))
         else:
             maps = fers_map(xs, feats["spe_f"], feats["spa_f"], cfg.fusion,
                             cfg.precision)
-        features = ({k: np.asarray(v)[:n] for k, v in feats.items()}
+        features = ({k: parallel.to_host(v)[:n] for k, v in feats.items()}
                     if cfg.export else {})
-        return np.asarray(maps)[:n], features
+        return parallel.to_host(maps)[:n], features
     return detect, extractor.bands

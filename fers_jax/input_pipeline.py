@@ -113,7 +113,7 @@ class Batches:
         None: up to 4, no more than the CPUs.
       part: (index, count): load only the index-th of `count` equal parts
         of every batch (one host's share of a global batch on many hosts,
-        training.parallel.process_part); the position `state` stays that
+        fers_jax.parallel.process_part); the position `state` stays that
         of the whole batch.
 
     `state` is the position of the next batch; save it with the model. An

@@ -58,8 +58,8 @@ bounded by the tile (teacher ~5 KB per tile pixel) and the trunk window
 (`trunk_tile` + 2 x 288 pixels a side, ~80 bytes per pixel).
 
 Also here: `normalise_tiled` (the reference normalisation without the
-float64 copy of the cube), `estimate_bytes` and `auto_tile` (when to tile),
-and the batch sharding over devices (`batch_mesh`, `shard_batch`).
+float64 copy of the cube), and `estimate_bytes` and `auto_tile` (when to
+tile). Whole-image batches are sharded over devices by fers_jax.parallel.
 """
 
 import dataclasses
@@ -669,41 +669,3 @@ def resolve_tile(tile, shape: Sequence[int], method: str,
         return auto_tile(shape, method, rx_precision)
     return parse_tile(tile)
 
-
-# --- Many devices: the batch axis sharded -----------------------------------
-
-BATCH_AXIS = "batch"
-
-
-def batch_mesh(devices=None) -> Optional[jax.sharding.Mesh]:
-    """A 1-D mesh over the devices (all local ones by default); None for one."""
-    devices = jax.devices() if devices is None else list(devices)
-    if len(devices) < 2:
-        return None
-    return jax.sharding.Mesh(np.asarray(devices), (BATCH_AXIS,))
-
-
-def replicate(tree, mesh: Optional[jax.sharding.Mesh]):
-    """Puts every array of `tree` whole on every device of the mesh."""
-    if mesh is None:
-        return tree
-    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.device_put(tree, spec)
-
-
-def shard_batch(x, mesh: Optional[jax.sharding.Mesh]):
-    """Pads the batch (N, ...) to a multiple of the mesh size with copies of
-    its last image and splits it over the devices.
-
-    Returns (array, N): results of the padded images are [N:] and dropped.
-    """
-    n = x.shape[0]
-    if mesh is None:
-        return x, n
-    size = mesh.devices.size
-    pad = -n % size
-    if pad:
-        x = np.concatenate([np.asarray(x), np.repeat(np.asarray(x[-1:]), pad, 0)])
-    spec = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
-    return jax.device_put(x, spec), n

@@ -27,7 +27,7 @@ import pytest
 from conftest import BACKGROUND, GOLDEN, REPO
 from fers_jax import input_pipeline
 from fers_jax.errors import InputError
-from fers_jax.training import parallel
+from fers_jax import parallel
 
 SCRIPT = textwrap.dedent("""
     import os
@@ -40,10 +40,10 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import optax
     from conftest import fake_variables
-    from fers_jax import checkpoints, input_pipeline
+    from fers_jax import checkpoints, input_pipeline, parallel
     from fers_jax.errors import InputError
     from fers_jax.models import FeatureRestorationNet, SpatialStudent
-    from fers_jax.training import parallel, stage1, stage2, state
+    from fers_jax.training import stage1, stage2, state
 
     background, teacher_file = sys.argv[1:3]
     BANDS, RTOL, ATOL = 20, 1e-5, 1e-6

@@ -1,7 +1,9 @@
-"""Batches sharded over several devices give the single-device maps.
+"""Batches sharded over several devices give the single-device maps, and
+one device, the mesh of size 1, gives the maps of plain NumPy inputs.
 
-Run in a subprocess with two CPU devices (--xla_force_host_platform_device_count
-must be set before jax is imported, and this pytest process already has).
+The several-device test runs in a subprocess with two CPU devices
+(--xla_force_host_platform_device_count must be set before jax is imported,
+and this pytest process already has).
 """
 
 import json
@@ -19,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import dataclasses, json, pathlib, sys
     import jax
     import numpy as np
-    from fers_jax import data, evaluation, tiling
+    from fers_jax import data, evaluation, parallel
 
     teacher, student, scenes = sys.argv[1:4]
     out = {"devices": len(jax.devices())}
@@ -27,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     # three scenes of one size: padded to four, two per device
     batch = np.stack([data.normalise(data.load_scene(f).cube[:40, :48, :50])
                       for f in files])
-    xs, n = tiling.shard_batch(batch, tiling.batch_mesh())
+    xs, n = parallel.shard_padded(batch, parallel.make_mesh())
     out["padded"] = [n, xs.shape[0]]
     out["shards"] = sorted(str(s.device) for s in xs.addressable_shards)
     out["shard_shapes"] = [s.data.shape[0] for s in xs.addressable_shards]
@@ -62,13 +64,41 @@ def test_sharded_maps_equal_single_device_maps(tmp_path):
         assert out[method]["max_rel"] <= 1e-6, (method, out[method])
 
 
-def test_one_device_is_not_sharded():
-    from fers_jax import tiling
+def test_one_device_is_a_mesh_of_one():
+    """--no-shard (and a one-device machine) runs on a 1-device mesh, with
+    no padding, and its maps are those of the unsharded computation on
+    NumPy inputs, bit for bit."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
-    if len(jax.devices()) > 1:
-        return
-    assert tiling.batch_mesh() is None
-    x = np.zeros((3, 4, 4, 2), np.float32)
-    same, n = tiling.shard_batch(x, None)
-    assert same is x and n == 3
+    from fers_jax import data, detectors, evaluation, inference, parallel
+
+    mesh = parallel.one_device_mesh()
+    assert mesh.size == 1 and mesh.axis_names == (parallel.DATA_AXIS,)
+    batch = np.stack([data.normalise(data.load_scene(f).cube[:40, :48, :50])
+                      for f in sorted(SCENES.glob("*.mat"))[:3]])
+    xs, n = parallel.shard_padded(batch, mesh)
+    assert n == 3 and xs.shape == batch.shape
+    assert xs.sharding == parallel.batch_sharded(mesh)
+
+    rx, _ = evaluation.build_detector(evaluation.EvalConfig(method="rx", shard=False))
+    got = rx(batch)[0]
+    assert isinstance(got, np.ndarray)
+    assert got.tobytes() == np.asarray(detectors.rx(batch, "float64")).tobytes()
+
+    ferd, _ = evaluation.build_detector(evaluation.EvalConfig(
+        method="ferd", teacher=str(CHECKPOINTS / "50bands"), bands=50,
+        shard=False, export=True))
+    maps, features = ferd(batch)
+    # The same jitted forward, with the variables as plain (uncommitted)
+    # arrays and a NumPy batch: the computation without any mesh.
+    extractor = inference.feature_extractor(CHECKPOINTS / "50bands", None, 50)
+    assert all(a.sharding == parallel.replicated(mesh)
+               for a in jax.tree.leaves(extractor.forward.variables))
+    plain = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)),
+                         extractor.forward.variables)
+    with jax.default_matmul_precision(extractor.matmul_precision):
+        spe_f = extractor.forward.jitted(plain, batch)["spe_f"]
+    assert features["spe_f"].tobytes() == np.asarray(spe_f).tobytes()
+    want = np.asarray(inference.ferd_map(batch, spe_f, "float64"))
+    assert maps.tobytes() == want.tobytes()

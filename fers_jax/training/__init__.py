@@ -5,4 +5,6 @@
 - `stage1`, `stage2`: the FERD and FERS training tasks.
 - `loop`: `train_and_evaluate`, the epoch loop with validation, Orbax
   checkpoints, metrics.jsonl, resume and export.
+
+The device mesh they run on is fers_jax.parallel's.
 """

@@ -6,7 +6,7 @@ batch, per-epoch mAUC on validation / test scenes, Orbax checkpoints
 export of the best model (when found) and the final one as fers_jax
 checkpoints.
 
-Data parallel over a device mesh (`parallel`): every batch is split over
+Data parallel over a device mesh (fers_jax.parallel): every batch is split over
 the devices (and hosts), the state replicated; one device is a mesh of one.
 On many hosts only process 0 writes the run's files (metrics.jsonl, JSON
 records); all take part in the Orbax checkpoints.
@@ -44,10 +44,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fers_jax import checkpoints as model_checkpoints
-from fers_jax import data, input_pipeline, metrics
+from fers_jax import data, input_pipeline, metrics, parallel
 from fers_jax.evaluation import write_json_atomic
 from fers_jax.errors import FersError, InputError
-from fers_jax.training import checkpointing, parallel, stage1, stage2
+from fers_jax.training import checkpointing, stage1, stage2
 from fers_jax.training.config import TrainConfig
 from fers_jax.training.state import (AdamConfig, TrainState, count,
                                      create_train_state, jit_train_step)
@@ -142,7 +142,7 @@ def score_scenes(task, variables, scenes, mesh=None) -> Dict[str, float]:
     Scenes of one size go through in batches of one per device of `mesh`
     (default: a single device), sharded over it.
     """
-    mesh = mesh or parallel.make_mesh(jax.local_devices()[:1])
+    mesh = mesh or parallel.one_device_mesh()
     features = _features_fn(task)
     by_shape = {}
     for scene in scenes:

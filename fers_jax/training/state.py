@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fers_jax.training import parallel
+from fers_jax import parallel
 
 Path = Tuple[str, ...]
 
@@ -134,7 +134,7 @@ def jit_train_step(task, optimizer: AdamConfig, mesh=None):
     """`train_step(state, batch) -> (state, measurements)` for a stage task,
     jitted once per (task, optimizer, mesh), donating the old state's buffers.
 
-    With a `mesh` (training.parallel.make_mesh) the step is one computation
+    With a `mesh` (fers_jax.parallel.make_mesh) the step is one computation
     over its devices: the state replicated, the batch split over 'data'.
     """
     return _jit_train_step(task, optimizer, mesh)
