@@ -95,19 +95,23 @@ def test_rx_batch_equals_one_by_one(golden, precision):
         np.testing.assert_allclose(got[i], detectors.rx(one, precision), rtol=1e-5)
 
 
-def test_rx_batch_in_groups_equals_all_at_once(golden, monkeypatch):
-    # On CPU the batch goes through lax.map in groups of images; 5 images in
-    # groups of 2 leave a remainder of 1.
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_rx_plans_agree(golden, monkeypatch, precision):
+    # The CPU plan (one image at a time, pixels in chunks, here 7 rows: a
+    # remainder chunk too) and the accelerator plan (the batch vmapped,
+    # each image whole) compute the same maps.
     cube = golden("rx.npz")["x"][0].transpose(1, 2, 0)
-    batch = np.stack([cube * (i + 1) + i for i in range(4)] + [cube[::-1]])
-    h, w, b = cube.shape
-    monkeypatch.setattr(detectors, "_RX_CACHE_VALUES", 2 * h * w * b)
-    assert detectors._images_per_step(batch.shape) == 2
-    jax.clear_caches()  # _rx_batch reads the group size when traced
-    grouped = np.asarray(detectors.rx(batch))
-    monkeypatch.setattr(detectors, "_RX_CACHE_VALUES", 1 << 40)
+    batch = np.stack([cube * (i + 1) + i for i in range(3)] + [cube[::-1]])
+    n, h, w, _ = batch.shape
+    assert (h * w) % 7
+    monkeypatch.setattr(detectors, "_rx_plan", lambda shape: (1, 7))
+    jax.clear_caches()  # _rx_batch reads the plan when traced
+    chunked = np.asarray(detectors.rx(batch, precision))
+    monkeypatch.setattr(detectors, "_rx_plan", lambda shape: (n, h * w))
     jax.clear_caches()
-    np.testing.assert_allclose(grouped, detectors.rx(batch), rtol=1e-9)
+    whole = np.asarray(detectors.rx(batch, precision))
+    jax.clear_caches()
+    np.testing.assert_allclose(chunked, whole, rtol=1e-9 if precision == "float64" else 1e-4)
 
 
 @pytest.mark.parametrize("definite", [True, False])
