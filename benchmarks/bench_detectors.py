@@ -40,8 +40,10 @@ and after each case are in the JSON).
 
 GFLOP/s counts the flops of the method as the per-pixel loop computes it,
 the same count for every implementation of a case (so it compares
-throughput of the same work; fers_jax's CRD and LRX do fewer flops: one
-Gram per 8x8 tile, and a K x K instead of B x B pseudo-inverse):
+throughput of the same work; fers_jax does fewer flops: its RX and LRX
+pseudo-inverses go through a symmetric eigendecomposition instead of an
+SVD, its CRD makes one Gram per 8x8 tile, its LRX a K x K instead of a
+B x B pseudo-inverse):
 
   RX   (N pixels, B bands): covariance 2 N B^2 + pinv 23 B^3 (SVD with both
        bases ~21 B^3, Golub & Van Loan, + 2 B^3 to rebuild) + quadratic form

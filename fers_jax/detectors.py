@@ -599,45 +599,20 @@ def _substitute(chol, v):
     return jax.lax.fori_loop(0, k, backward, (jnp.zeros_like(v), z))[0]
 
 
-_SOLVE_BYTES = 2 << 20  # systems per Cholesky call: ~2 MB of them (20 at K = 112)
-
-
-def _cholesky_solve(a_mat, v):
-    """Solves a_mat a = v for SPD systems (P, K, K), (P, K), a cache-sized
-    group of systems at a time (fori_loop, static remainder): each group's
-    factor is made and used while in cache, and no (P, K, K) factor is ever
-    written (on a 2-core VM the full-size factor and its masking pass cost
-    as much as LAPACK's factorisations: CRD ran 1.4x faster this way).
-    NaN where the factorisation fails."""
-    p, k, _ = a_mat.shape
-    group = max(1, min(p, _SOLVE_BYTES // (k * k * a_mat.dtype.itemsize)))
-    full = p // group
-
-    def solve(a_g, v_g):
-        return _substitute(jax.lax.linalg.cholesky(a_g, symmetrize_input=False), v_g)
-
-    def body(i, out):
-        a_g = jax.lax.dynamic_slice_in_dim(a_mat, i * group, group)
-        v_g = jax.lax.dynamic_slice_in_dim(v, i * group, group)
-        return jax.lax.dynamic_update_slice_in_dim(out, solve(a_g, v_g), i * group, 0)
-
-    out = jax.lax.fori_loop(0, full, body, jnp.zeros_like(v))
-    if p % group:
-        out = out.at[full * group:].set(solve(a_mat[full * group:], v[full * group:]))
-    return out
+_CRD_GROUP_BYTES = 2 << 20  # systems solved at once: ~2 MB of them (16 at K = 112)
 
 
 def _crd_residual(a_mat, reg, v, yy):
-    """CRD residuals |y - X a| of a chunk of pixels from Gram quantities.
+    """CRD residuals |y - X a| of a group of pixels from Gram quantities.
 
     a_mat = X'X + diag(reg) (P, K, K) is the regularised system, v = X'y
     (P, K), yy = y'y (P,).
     """
     k = a_mat.shape[-1]
-    a = _cholesky_solve(a_mat, v)
+    a = _substitute(jax.lax.linalg.cholesky(a_mat, symmetrize_input=False), v)
 
     def fallback(a_mat, v):
-        # Should the ridge not suffice (Cholesky fails: NaN), the chunk is
+        # Should the ridge not suffice (Cholesky fails: NaN), the group is
         # redone with the minimum-norm least-squares solution.
         eps = jnp.finfo(a_mat.dtype).eps
         return jnp.einsum("pkl,pl->pk", pinv(a_mat, k * eps), v,
@@ -670,24 +645,42 @@ def _crd_tiles(win, lam, inner, outer, tile):
     window = (np.arange(outer)[:, None] * s + np.arange(outer)).ravel()
     bg = corner[:, None] + window[_background(inner, outer)]
     centre = corner + r * s + r
-    k = bg.shape[1]
+    k, n_px = bg.shape[1], tile * tile
     union = union.reshape(t, s ** 4)
     # Gathers with static flat indices (stacking static slices of the union
-    # instead ran ~10x slower in XLA on CPU).
-    gram = jnp.take(union, (bg[:, :, None] * s * s + bg[:, None, :]).ravel(), axis=1)
+    # instead ran ~10x slower in XLA on CPU). Per pixel: X'y, y'y, |x_i|^2.
     v = jnp.take(union, (centre[:, None] * s * s + bg).ravel(), axis=1)
-    yy = jnp.take(union, centre * (s * s + 1), axis=1).reshape(-1)
-    x_sq = jnp.take(union, (bg * (s * s + 1)).ravel(), axis=1).reshape(-1, k)
-    v = v.reshape(-1, k)
+    yy = jnp.take(union, centre * (s * s + 1), axis=1)
+    x_sq = jnp.take(union, (bg * (s * s + 1)).ravel(), axis=1).reshape(t, n_px, k)
+    v = v.reshape(t, n_px, k)
     # lam |y - x_i|^2 on the diagonal, and a guard: exactly repeated pixels
     # (mirrored at borders, flat regions) with y equal to one of them make
     # X'X + lam G'G singular. A ridge of eps * trace(X'X) lifts it above the
     # float64 rounding of the Gram (~K eps |X'X|) and is ~1e-5 of the
     # lam G'G term on real data, so it does not move the scores.
     ridge = jnp.finfo(union.dtype).eps * jnp.sum(x_sq, -1, keepdims=True)
-    reg = lam * jnp.maximum(yy[:, None] - 2 * v + x_sq, 0) + ridge
-    a_mat = gram.reshape(-1, k, k) + reg[:, :, None] * jnp.eye(k, dtype=union.dtype)
-    return _crd_residual(a_mat, reg, v, yy).reshape(t, tile, tile)
+    reg = lam * jnp.maximum(yy[..., None] - 2 * v + x_sq, 0) + ridge
+    # The K x K systems, a cache-sized group of pixels at a time: each
+    # group's X'X is gathered, factored, solved and used while in cache,
+    # and no (pixels, K, K) array is ever written (on a 2-core VM that and
+    # the full-size factor cost as much as LAPACK's factorisations).
+    group = max(d for d in range(1, n_px + 1) if n_px % d == 0 and (
+        d == 1 or d * k * k * union.dtype.itemsize <= _CRD_GROUP_BYTES))
+    gram_idx = (bg[:, :, None] * s * s + bg[:, None, :]).reshape(-1, group, k, k)
+    per_tile = n_px // group
+
+    def solve(i):
+        tile_i, part = i // per_tile, i % per_tile
+        idx = jax.lax.dynamic_index_in_dim(gram_idx, part, keepdims=False)
+        gram = jnp.take(union[tile_i], idx)  # (group, K, K)
+        at = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=part * group,
+                               slice_size=group)
+        reg_g, v_g = at(reg[tile_i]), at(v[tile_i])
+        a_mat = gram + reg_g[:, :, None] * jnp.eye(k, dtype=union.dtype)
+        return _crd_residual(a_mat, reg_g, v_g, at(yy[tile_i]))
+
+    out = jax.lax.map(solve, jnp.arange(t * per_tile))
+    return out.reshape(t, tile, tile)
 
 
 @functools.partial(jax.jit, static_argnames=("inner", "outer", "chunk"))
@@ -746,7 +739,8 @@ def crd(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
       lam: the distance-weighted Tikhonov weight (lambda), >= 0.
       chunk: pixels processed at once (rounded down to whole 8 x 8 tiles).
         A 512 x 512 x 200 image needs about 0.9 GB (XLA's estimate; mostly
-        the float64 padded image), plus about 0.2 MB per chunk pixel.
+        the float64 padded image) with chunk 512 or 4096 alike: the K x K
+        systems themselves are built and solved ~2 MB at a time.
 
     Returns:
       float64 residual norms, (H, W) or (N, H, W).

@@ -156,21 +156,18 @@ def test_rx_with_a_constant_band_is_finite():
 # (3, 7): K = 40 > 20 (LRX through the B x B covariance); (1, 3): K = 8.
 # CRD needs K < B: with K >= B every y is exactly represented.
 
-def test_cholesky_solve_in_groups(monkeypatch):
-    # 7 systems in groups of 3 (two in the loop, one left over); the fifth
-    # is singular and comes out NaN, the others equal NumPy's solve.
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(7, 30, 6))
-    a = np.einsum("pbk,pbl->pkl", x, x)
-    a[4] = np.outer(x[4, 0], x[4, 0])
-    v = rng.normal(size=(7, 6))
-    monkeypatch.setattr(detectors, "_SOLVE_BYTES", 3 * 6 * 6 * 8)
-    with jax.enable_x64(True):
-        got = np.asarray(jax.jit(detectors._cholesky_solve)(a, v))
-    ok = np.arange(7) != 4
-    np.testing.assert_allclose(got[ok], np.linalg.solve(a[ok], v[ok][..., None])[..., 0],
-                               rtol=1e-9)
-    assert np.isnan(got[4]).any()
+@pytest.mark.parametrize("window", [(3, 5), (1, 3)])
+def test_crd_in_small_groups_equals_numpy_loop(crops, window, monkeypatch):
+    # The K x K systems are solved a group of pixels at a time; a budget of
+    # 3 systems makes groups of 2 of the 16 (4 x 4 tile, (3, 5)) or 4 (2 x 2
+    # tile, (1, 3)) tile pixels.
+    k = window[1] ** 2 - window[0] ** 2
+    monkeypatch.setattr(detectors, "_CRD_GROUP_BYTES", 3 * k * k * 8)
+    jax.clear_caches()  # the group size is read when traced
+    got = np.asarray(detectors.crd(crops, *window))
+    jax.clear_caches()
+    for i, cube in enumerate(crops):
+        check_crd(got[i], cube, *window)
 
 
 def check_crd(got, cube, inner, outer):
