@@ -101,22 +101,42 @@ def feature_extractor(teacher_path, student_path: Optional[str] = None,
     student, s_vars = (checkpoints.load_student(student_path, bands)
                        if student_path is not None else (None, None))
     cast = jnp.dtype(dtype)
+    mesh = mesh if mesh is not None else parallel.one_device_mesh()
     variables = parallel.replicate(jax.tree.map(lambda a: jnp.asarray(a, cast), (
-        t_vars, s_vars)), mesh if mesh is not None else parallel.one_device_mesh())
+        t_vars, s_vars)), mesh)
 
     # The variables are arguments, not closed-over constants: XLA would fold
     # constants into the graph (BatchNorm into the convs, ...) and round
     # differently from the tiled path, which takes them as arguments.
-    def forward(variables, x):
+    def batch_forward(variables, x):
         run_t, run_s = variables
         x = jnp.asarray(x, cast)
         out = {"spe_f": teacher.apply(run_t, x)["spe_f"]}
         if student is not None:
             out["spa_f"] = student.apply(run_s, x)["spa_f"]
         return {k: v.astype(jnp.float32) for k, v in out.items()}
+
+    def forward(variables, x):
+        if not _one_image_at_a_time(mesh):
+            return batch_forward(variables, x)
+        return jax.lax.map(lambda xi: jax.tree.map(
+            lambda v: v[0], batch_forward(variables, xi[None])), x)
     return FeatureExtractor(bands=bands, forward=_Bound(jax.jit(forward), variables),
                             teacher=teacher, t_vars=t_vars, student=student,
                             s_vars=s_vars, dtype=dtype)
+
+
+def _one_image_at_a_time(mesh) -> bool:
+    """Whether the forward runs the images of a batch one after another
+    (lax.map inside the one jitted call) rather than all at once.
+
+    On one CPU device: the same numbers, 25-30% faster for 16 64x64 images
+    on a 2-core VM (one image's activations stay in cache, and XLA touches
+    less fresh memory), and less memory. Elsewhere the whole batch: GPUs
+    and TPUs want the parallelism, and a batch sharded over several
+    devices must not be walked image by image.
+    """
+    return jax.default_backend() == "cpu" and mesh.size == 1
 
 
 class _Bound:

@@ -37,11 +37,13 @@ SCRIPT = textwrap.dedent("""
                 evaluation.EvalConfig(method="ferd", teacher=teacher, bands=50),
                 evaluation.EvalConfig(method="fers", teacher=teacher,
                                       student=student, bands=50)):
+        cfg = dataclasses.replace(cfg, export=cfg.method != "rx")
         sharded, _ = evaluation.build_detector(dataclasses.replace(cfg, shard=True))
         single, _ = evaluation.build_detector(dataclasses.replace(cfg, shard=False))
-        a, b = sharded(batch)[0], single(batch)[0]
-        out[cfg.method] = {"shape": list(a.shape),
-                           "max_rel": float(np.max(np.abs(a - b)) / np.max(np.abs(b)))}
+        (a, fa), (b, fb) = sharded(batch), single(batch)
+        rel = lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+        out[cfg.method] = {"shape": list(a.shape), "max_rel": rel(a, b),
+                           "features": {k: rel(fa[k], fb[k]) for k in fb}}
     print(json.dumps(out))
 """)
 
@@ -59,9 +61,17 @@ def test_sharded_maps_equal_single_device_maps(tmp_path):
     assert out["devices"] == 2
     assert out["padded"] == [3, 4] and out["shard_shapes"] == [2, 2]
     assert len(set(out["shards"])) == 2
-    for method in ("rx", "ferd", "fers"):
+    # One device runs the images one at a time, each device of two its two
+    # at once: XLA's convolutions round differently with the batch size
+    # (spa_f by ~1e-6), and the 50-band FERS map, a product of float32 RX
+    # maps, amplifies that (1.5e-4 seen); the other maps stay within 1e-6.
+    assert set(out["ferd"]["features"]) == {"spe_f"}
+    assert set(out["fers"]["features"]) == {"spe_f", "spa_f"}
+    for method, map_tol in (("rx", 1e-6), ("ferd", 1e-6), ("fers", 2e-3)):
         assert out[method]["shape"] == [3, 40, 48]
-        assert out[method]["max_rel"] <= 1e-6, (method, out[method])
+        assert out[method]["max_rel"] <= map_tol, (method, out[method])
+        for name, err in out[method]["features"].items():
+            assert err <= 5e-6, (method, name, out[method])
 
 
 def test_one_device_is_a_mesh_of_one():
