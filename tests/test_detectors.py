@@ -176,7 +176,7 @@ def check_crd(got, cube, inner, outer):
     assert own.any() and (~own).sum() > own.size / 3
     # Elsewhere NumPy's solve is reliable. There the exact residual is 0 (y
     # itself is in X) and the solve is singular or garbage (seen: 2.6e14);
-    # ours is 0 to rounding (sqrt(eps * y'y) ~ 3e-8 from the Gram form).
+    # ours is 0 to rounding (a few sqrt(eps * y'y) from the Gram form).
     assert rel_err(got[~own], want[~own]) < 1e-4
     assert np.max(got[own]) < 1e-4 * np.max(got)
 
