@@ -377,7 +377,9 @@ def main(argv=None):
           f"jax {env['jax']} {env['jax_devices']}, load {env['loadavg_start']}",
           flush=True)
     if "rx" in cases:
-        results["rx"] = bench_rx_scenes(args.repeats)
+        # A single scene takes 10-100 ms: 3x the repeats, so that the
+        # median is not one scheduler hiccup.
+        results["rx"] = bench_rx_scenes(3 * args.repeats)
     if "batch" in cases:
         results["rx/batch"] = bench_rx_batch(args.repeats)
     if "crd" in cases:
