@@ -84,6 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bce-on-logits", action="store_true",
                    help="stage 1: BCE on the classifier's logits instead of the "
                         "reference's BCE on its sigmoid output")
+    p.add_argument("--feature-cache", metavar="DIR", default=None,
+                   help="stage 2: keep the frozen teacher's features of each "
+                        "training image as files in DIR, reused by later runs "
+                        "with the same teacher, bands and patches (default: "
+                        "in memory, computed once per run)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
                    help="also checkpoint every this many steps (default: each epoch)")
     p.add_argument("--log-every", type=int, default=1, metavar="STEPS",

@@ -14,6 +14,10 @@ its position is the small dict `state` = {'epoch', 'step_in_epoch', 'seed',
 exactly the batches an uninterrupted run would have given. Every image is
 band-selected (`data.select_bands`) and normalised on its own
 (`data.normalise`, into [-0.1, 0.1]), as the reference does.
+
+With `features` ({name: `feature_cache.FrozenFeatures`}, e.g. stage 2's
+frozen teacher as 'spe_f') a batch is {'image': images, name: their frozen
+features}, each image's features computed once and then read back.
 """
 
 import concurrent.futures
@@ -115,6 +119,8 @@ class Batches:
         of every batch (one host's share of a global batch on many hosts,
         fers_jax.parallel.process_part); the position `state` stays that
         of the whole batch.
+      features: {name: `feature_cache.FrozenFeatures`}: batches become
+        {'image': images, name: the features of the images, ...}.
 
     `state` is the position of the next batch; save it with the model. An
     epoch has just ended when `state['step_in_epoch'] == 0`.
@@ -125,7 +131,8 @@ class Batches:
                  shuffle: bool = True, drop_remainder: bool = True,
                  num_epochs: Optional[int] = None,
                  state: Optional[Mapping] = None, prefetch: int = 2,
-                 workers: Optional[int] = None, part=(0, 1)):
+                 workers: Optional[int] = None, part=(0, 1),
+                 features=None):
         n = len(source)
         if int(batch_size) != batch_size or batch_size <= 0:
             raise InputError(f"batch size must be a positive integer, got "
@@ -144,6 +151,7 @@ class Batches:
             raise InputError(f"the source has {n} images: not one batch of "
                              f"{batch_size}" + (" (drop_remainder)" if n else ""))
         self.source = source
+        self.features = dict(features or {})
         self.batch_size = int(batch_size)
         self.bands, self.band_start = bands, band_start
         self.shuffle, self.num_epochs = shuffle, num_epochs
@@ -192,7 +200,16 @@ class Batches:
                 yield idx, dict(self._state, epoch=e, step_in_epoch=t)
             epoch, step = epoch + 1, 0
 
-    def load(self, idx) -> np.ndarray:
+    def load(self, idx):
+        """The batch at `idx`: its images read, band-selected, normalised
+        and stacked (with `features`, a dict with their features too)."""
+        images = self.load_images(idx)
+        if not self.features:
+            return images
+        return {"image": images,
+                **{name: f(images) for name, f in self.features.items()}}
+
+    def load_images(self, idx) -> np.ndarray:
         """Reads, band-selects and normalises the images at `idx`, stacked."""
         idx = [int(i) for i in idx]
         getitems = getattr(self.source, "__getitems__", None)
@@ -233,7 +250,7 @@ class Batches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> np.ndarray:
+    def __next__(self):
         if self._done:
             raise StopIteration
         if self._thread is None:

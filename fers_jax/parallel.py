@@ -136,13 +136,15 @@ def _processes(mesh: Mesh) -> int:
     return len({d.process_index for d in mesh.devices.flat})
 
 
-def shard_batch(local_batch, mesh: Mesh) -> jax.Array:
+def shard_batch(local_batch, mesh: Mesh):
     """The global batch, sharded over the 'data' axis, from this process's
-    part of it (`process_part`; on one host the whole batch)."""
-    local_batch = np.asarray(local_batch)
-    check_batch_size(local_batch.shape[0] * _processes(mesh), mesh)
-    return jax.make_array_from_process_local_data(batch_sharded(mesh),
-                                                  local_batch)
+    part of it (`process_part`; on one host the whole batch). A batch may
+    be an array or a pytree of arrays sharing their first axis."""
+    def put(x):
+        x = np.asarray(x)
+        check_batch_size(x.shape[0] * _processes(mesh), mesh)
+        return jax.make_array_from_process_local_data(batch_sharded(mesh), x)
+    return jax.tree.map(put, local_batch)
 
 
 def replicate(tree, mesh: Mesh):

@@ -56,6 +56,8 @@ class TrainConfig:
       trunk_bn: stage 2: 'batch' (reference) or 'running' (eval-mode trunk).
       bce_on_logits: stage 1: BCE on the logits instead of the reference's
         BCE on the sigmoid output.
+      feature_cache: stage 2: a folder keeping the frozen teacher's spe_f
+        of every training image as files (None: in memory, for this run).
       checkpoint_every: also save every this many steps (None: each epoch).
       log_every: write a step record to metrics.jsonl every this many steps.
       progress: show a progress bar.
@@ -85,6 +87,7 @@ class TrainConfig:
     eps: float = 1e-8
     trunk_bn: str = "batch"
     bce_on_logits: bool = False
+    feature_cache: Optional[str] = None
     checkpoint_every: Optional[int] = None
     log_every: int = 1
     progress: bool = True

@@ -105,6 +105,16 @@ def selection(cfg: TrainConfig, val: list, test: list) -> str:
     return select
 
 
+def frozen_features(task, state: TrainState, cfg: TrainConfig, part) -> dict:
+    """The task's frozen, input-only features (stage 2: the teacher's spe_f),
+    computed once per training image by the input pipeline ({} for none)."""
+    make = getattr(task, "frozen_features", None)
+    if make is None:
+        return {}
+    return make(state.variables(), chunk=cfg.batch_size // part[1],
+                folder=cfg.feature_cache)
+
+
 # --- Task and initial state ------------------------------------------------------
 
 def build_task(cfg: TrainConfig, key, shape):
@@ -328,7 +338,8 @@ class _Run:
         self.batches = input_pipeline.batches(
             self.source, cfg.batch_size, seed=self.data_seed, bands=cfg.bands,
             band_start=cfg.band_start, state=meta["data"] if meta else None,
-            part=self.part)
+            part=self.part, features=frozen_features(self.task, self.state,
+                                                     cfg, self.part))
         self.total = cfg.steps or cfg.epochs * self.batches.steps_per_epoch
         self.log = MetricsLog(self.out / "metrics.jsonl", int(self.state.step),
                               write=self.primary)

@@ -9,6 +9,11 @@ statistics; `trunk_bn='running'` keeps it in eval mode instead.
 
 Variables are one tree with a subtree per model:
 {'params': {'teacher', 'student', 'frn'}, 'batch_stats': {...}}.
+
+The teacher's spe_f depends on the training image alone, so the input
+pipeline computes it once per image (`frozen_features`,
+fers_jax.feature_cache) and the step reads it from the batch
+{'image', 'spe_f'}; given a bare image batch the step computes it.
 """
 
 import dataclasses
@@ -18,7 +23,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from fers_jax import checkpoints, configs, convert, inference, losses
+from fers_jax import (checkpoints, configs, convert, feature_cache, inference,
+                      losses)
 from fers_jax.configs import FerdConfig, FrnConfig, StudentConfig
 from fers_jax.errors import InputError
 from fers_jax.models import (FeatureRestorationNet, SpatialStudent,
@@ -85,11 +91,26 @@ class Stage2:
         return {col: {name: dict(v[col]) for name, v in parts.items() if col in v}
                 for col in ("params", "batch_stats")}
 
-    def forward(self, variables, x, train: bool):
-        """(spe_f, spa_f, recon, new batch_stats) for a batch."""
+    def teacher_features(self, teacher_variables, x):
+        """The frozen teacher's spe_f (eval mode) for a batch."""
+        return SpectralTeacher(self.teacher).apply(teacher_variables, x)["spe_f"]
+
+    def frozen_features(self, variables, chunk: int = 16, folder=None) -> dict:
+        """{'spe_f': FrozenFeatures} of the teacher in `variables`, for
+        input_pipeline.Batches(features=...)."""
+        teacher = {col: variables[col]["teacher"]
+                   for col in ("params", "batch_stats")}
+        return {"spe_f": feature_cache.FrozenFeatures(
+            self.teacher_features, teacher, f"teacher {self.teacher}",
+            chunk=chunk, folder=folder)}
+
+    def forward(self, variables, x, train: bool, spe_f=None):
+        """(spe_f, spa_f, recon, new batch_stats) for a batch; the teacher
+        runs unless `spe_f` (its output for `x`) is given."""
         p, bs = variables["params"], variables["batch_stats"]
-        spe_f = SpectralTeacher(self.teacher).apply(
-            {"params": p["teacher"], "batch_stats": bs["teacher"]}, x)["spe_f"]
+        if spe_f is None:
+            spe_f = self.teacher_features(
+                {"params": p["teacher"], "batch_stats": bs["teacher"]}, x)
         trunk_train = train and self.trunk_bn == "batch"
         out, s_upd = SpatialStudent(self.student).apply(
             {"params": p["student"], "batch_stats": bs["student"]}, x,
@@ -102,20 +123,24 @@ class Stage2:
                   "frn": f_upd["batch_stats"]}
         return spe_f, spa_f, recon, new_bs
 
-    def loss_fn(self, params, frozen, batch_stats, x):
+    def loss_fn(self, params, frozen, batch_stats, batch):
         """Training-mode forward and the stage-2 loss:
-        (total, (terms, new batch_stats))."""
+        (total, (terms, new batch_stats)). `batch`: images (N, H, W, B), or
+        {'image': images, 'spe_f': the teacher's features of them}."""
         variables = {"params": state.merge(params, frozen),
                      "batch_stats": batch_stats}
-        spe_f, spa_f, recon, new_bs = self.forward(variables, x, train=True)
+        x, spe_f = (batch["image"], batch["spe_f"]) if isinstance(batch, dict) \
+            else (batch, None)
+        spe_f, spa_f, recon, new_bs = self.forward(variables, x, train=True,
+                                                   spe_f=spe_f)
         total, terms = losses.stage2_loss(spe_f, spa_f, recon, x, self.weights)
         return total, (terms, new_bs)
 
     def features(self, variables, x):
         """Test-time features {'spe_f', 'spa_f'} (everything in eval mode)."""
         p, bs = variables["params"], variables["batch_stats"]
-        spe_f = SpectralTeacher(self.teacher).apply(
-            {"params": p["teacher"], "batch_stats": bs["teacher"]}, x)["spe_f"]
+        spe_f = self.teacher_features(
+            {"params": p["teacher"], "batch_stats": bs["teacher"]}, x)
         spa_f = SpatialStudent(self.student).apply(
             {"params": p["student"], "batch_stats": bs["student"]}, x)["spa_f"]
         return {"spe_f": spe_f, "spa_f": spa_f}
