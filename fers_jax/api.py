@@ -7,7 +7,7 @@ made here is the map evaluate.py writes for the same scene and options.
     import fers_jax
 
     scene = fers_jax.load_scene("../shared/data/scenes/pavia-car.mat")
-    rx_map = fers_jax.detect(scene, "rx")
+    rx_map = fers_jax.detect(scene, "rx")      # (H, W)
     fers_map = fers_jax.detect(scene, "fers", teacher=TEACHER, student=STUDENT,
                                bands=50)
     fers_jax.score(rx_map, scene.gt)["auc"]
@@ -64,7 +64,9 @@ def detector(method: str = "rx", **options) -> Callable:
       f(cube) -> map: a Scene or an array (H, W, B), or a batch
       (N, H, W, B) of one shape, as stored (the reference's band selection
       and normalisation are applied, as evaluate.py does); the map is
-      (H, W) float32, or (N, H, W) for a batch.
+      (H, W), or (N, H, W) for a batch, in the detector's arithmetic
+      (float64 for float64 RX, LRX, CRD): what evaluate.py scores, and
+      writes to maps/ as float32.
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -90,8 +92,7 @@ def detector(method: str = "rx", **options) -> Callable:
         inputs = np.stack([data.normalise(data.select_bands(
             data.check_cube(c, where), cfg.bands, cfg.start_band, where), where)
             for c in batch])
-        maps, _ = run(inputs)
-        maps = np.asarray(maps, np.float32)
+        maps = np.asarray(run(inputs)[0])  # as scored by evaluate.py
         return maps[0] if single else maps
     return detect_one
 
