@@ -4,8 +4,14 @@
   python evaluate.py --scenes SCENES --method ferd --teacher CKPT --bands 100 --out DIR
   python evaluate.py --scenes SCENES --method fers --teacher CKPT --student CKPT \\
       --bands 50 --out DIR
+  python evaluate.py --scenes SCENES --method rx lrx ferd fers --teacher CKPT \\
+      --student CKPT --bands 50 --out DIR     # one comparison of four methods
 
-Writes DIR/results.json, DIR/maps/<scene>.npy|png and DIR/roc.png.
+Writes DIR/results.json, DIR/maps/<scene>.npy|png, DIR/roc.png and
+DIR/report.md|html; with several methods one block per method in
+results.json, DIR/maps/<method>/<scene>.npy, DIR/maps/<scene>.png (the maps
+side by side) and DIR/roc/<scene>.png (a curve per method). --teacher and
+--student also take a train.py run folder (its best/, else final/ model).
 """
 
 import argparse
@@ -18,8 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--scenes", nargs="+", required=True, metavar="PATH",
                    help="scene files (.mat, .npz, .npy), folders of them, or HAD100 roots")
-    p.add_argument("--method", choices=evaluation.METHODS, default="rx",
-                   help="detector")
+    p.add_argument("--method", nargs="+", choices=evaluation.METHODS, default=None,
+                   metavar="METHOD",
+                   help=f"detector, one of {', '.join(evaluation.METHODS)} (default: "
+                        "rx); several (--method rx ferd fers) score the same scenes, "
+                        "each loaded once, into one comparison report")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--bands", type=int, default=None,
                    help="use this many bands from --start-band (default: all)")
@@ -68,8 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = evaluation.config_from_args(args)
-    results = evaluation.evaluate(args.scenes, args.out, cfg, progress=not args.quiet)
+    cfgs = evaluation.configs_from_args(args)
+    if len(cfgs) > 1:
+        results = evaluation.compare(args.scenes, args.out, cfgs,
+                                     progress=not args.quiet)
+        print(evaluation.format_comparison(results))
+        return
+    results = evaluation.evaluate(args.scenes, args.out, cfgs[0],
+                                  progress=not args.quiet)
     print(evaluation.format_summary(results))
 
 

@@ -7,15 +7,20 @@ A checkpoint is a folder:
                    to, so a loader can refuse the wrong one. It is written
                    last, so its presence marks a complete checkpoint.
 
-`load_teacher` / `load_student` / `load_frn` / `load_stage1` accept either
-such a folder or the reference's PyTorch files (read through
+`load_teacher` / `load_student` / `load_frn` / `load_stage1` accept such a
+folder, a train.py run folder (its best/ or final/ model, see
+`resolve_checkpoint`) or the reference's PyTorch files (read through
 fers_jax.torch_io, converted by fers_jax.convert) and return
 (model, variables).
+
+Messages name a path as it was given (a symbolic link stays the link);
+only Orbax, which needs absolute paths, is handed the resolved one.
 """
 
 import json
 import pathlib
 import shutil
+import sys
 from typing import Optional, Sequence, Union
 
 import flax
@@ -52,7 +57,7 @@ def save_variables(path, variables, meta: dict, overwrite: bool = False):
 
     Returns the absolute path. Refuses a non-empty folder unless overwrite.
     """
-    path = pathlib.Path(path).expanduser().resolve()  # Orbax needs absolute
+    path = pathlib.Path(path).expanduser()
     # On many hosts (one shared folder) process 0 alone clears the folder
     # and writes the record; every process takes part in Orbax's save.
     primary = jax.process_index() == 0
@@ -62,11 +67,11 @@ def save_variables(path, variables, meta: dict, overwrite: bool = False):
         multihost_utils.sync_global_devices(f"fers_jax save {path}")
     tree = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path / VARIABLES_DIR, tree)
+        checkpointer.save(path.resolve() / VARIABLES_DIR, tree)  # absolute
         checkpointer.wait_until_finished()
     if primary:
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+    return path.resolve()
 
 
 def _empty_folder(path: pathlib.Path, overwrite: bool):
@@ -86,7 +91,7 @@ def _empty_folder(path: pathlib.Path, overwrite: bool):
 
 
 def read_meta(path) -> dict:
-    path = pathlib.Path(path).expanduser().resolve()
+    path = pathlib.Path(path).expanduser()
     try:
         meta = json.loads((path / META_FILE).read_text())
     except FileNotFoundError:
@@ -109,7 +114,7 @@ def load_variables(path, expected_kind: Union[str, Sequence[str], None] = None):
     Returns:
       (variables as jax arrays, meta dict).
     """
-    path = pathlib.Path(path).expanduser().resolve()
+    path = pathlib.Path(path).expanduser()
     meta = read_meta(path)
     if expected_kind is not None:
         kinds = (expected_kind,) if isinstance(expected_kind, str) else \
@@ -120,7 +125,7 @@ def load_variables(path, expected_kind: Union[str, Sequence[str], None] = None):
                 f"{' or '.join(kinds)}")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            tree = checkpointer.restore(path / VARIABLES_DIR)
+            tree = checkpointer.restore(path.resolve() / VARIABLES_DIR)
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds
         raise CheckpointError(f"{path}: variables cannot be read "
                               f"({type(e).__name__}: {e})") from None
@@ -155,14 +160,57 @@ def _flat(tree):
             flax.traverse_util.flatten_dict(tree).items()}
 
 
+# What train.py writes under its --out: the models of the best epoch and of
+# the last step, each a folder of fers_jax checkpoints named by their kind.
+RUN_EXPORTS = ("best", "final")
+
+
+def resolve_checkpoint(path, kind: str, say=None) -> pathlib.Path:
+    """The checkpoint that a --teacher / --student argument names.
+
+    The one place where such an argument becomes a path, for evaluate.py,
+    train.py and the Python API alike:
+
+    - a fers_jax checkpoint folder, a PyTorch file or the published
+      folder: itself;
+    - a train.py run folder `DIR`: `DIR/best/<kind>` when present, else
+      `DIR/final/<kind>`; an export folder (`DIR/best`, `DIR/final`): its
+      `<kind>`. Which one is used is said on stderr (or to `say`).
+
+    The path is returned as given (expanded `~`, not resolved), so that
+    messages name what the user typed.
+
+    Raises CheckpointError when nothing is given, the path does not exist,
+    or a run folder holds no finished model of `kind`.
+    """
+    if path is None or str(path) == "":
+        raise CheckpointError(f"no {kind} checkpoint given")
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{kind} checkpoint {path} does not exist")
+    if not path.is_dir() or is_checkpoint(path):
+        return path
+    candidates = [path / e / kind for e in RUN_EXPORTS] + [path / kind]
+    chosen = next((c for c in candidates if is_checkpoint(c)), None)
+    if chosen is None:
+        if any((path / e).is_dir() for e in (*RUN_EXPORTS, "checkpoints")):
+            raise CheckpointError(
+                f"{kind} checkpoint {path} is a train.py run folder with no "
+                f"{kind} model in best/ or final/ (a run still going, stopped "
+                "early, or of the other stage)")
+        return path  # the published folder, or what the loader refuses
+    (say or _say)(f"{kind}: using {chosen} (from {path})")
+    return chosen
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
 def _load(kind: str, path, bands: Optional[int], config=None,
           accept_stage1: bool = False):
     """(config, variables) of `kind` from a fers_jax folder or PyTorch files."""
-    if path is None or str(path) == "":
-        raise CheckpointError(f"no {kind} checkpoint given")
-    path = pathlib.Path(path).expanduser().resolve()
-    if not path.exists():
-        raise CheckpointError(f"{kind} checkpoint {path} does not exist")
+    path = resolve_checkpoint(path, kind)
     if is_checkpoint(path):
         kinds = (kind, "stage1") if accept_stage1 else (kind,)
         variables, meta = load_variables(path, expected_kind=kinds)

@@ -358,7 +358,7 @@ def from_torch(kind: str, state_dict, bands: Optional[int] = None, config=None,
 
 def convert_file(kind: str, src, bands: Optional[int] = None, config=None):
     """Reads and converts a PyTorch checkpoint: (variables, config)."""
-    src = pathlib.Path(src).resolve()
+    src = pathlib.Path(src).expanduser()  # named as given in messages
     return from_torch(kind, read_torch(kind, src), bands, config, str(src))
 
 
@@ -384,13 +384,13 @@ def main(argv=None):
                         help="replace an existing fers_jax checkpoint at --out")
     args = parser.parse_args(argv)
     variables, config = convert_file(args.kind, args.src, args.bands)
-    out = checkpoints.save_variables(
+    checkpoints.save_variables(
         args.out, variables,
         checkpoints.model_meta(args.kind, config,
                                source=os.path.abspath(args.src)),
         overwrite=args.overwrite)
     n = sum(np.size(v) for v in jax.tree.leaves(variables))
-    print(f"{args.kind}: {n} values from {os.path.abspath(args.src)} -> {out}")
+    print(f"{args.kind}: {n} values from {args.src} -> {args.out}")
 
 
 if __name__ == "__main__":

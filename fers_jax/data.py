@@ -20,6 +20,7 @@ CUBE_KEYS = ("data", "hsi", "cube", "img", "image", "x", "hyperspectral")
 GT_KEYS = ("map", "gt", "groundtruth", "ground_truth", "hsi_gt", "mask",
            "label", "labels", "anomaly_map")
 SCENE_SUFFIXES = (".mat", ".npz", ".npy")
+KEY_OPTIONS = {"cube": "--cube-key", "mask": "--gt-key"}  # evaluate.py's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +44,35 @@ class Scene:
 
 
 def _match_key(arrays: Mapping[str, np.ndarray], preferred: Sequence[str],
-               ndim: int, given: Optional[str], what: str, path) -> Optional[str]:
-    """Picks the key holding the cube (ndim 3) or the mask (ndim 2)."""
+               ndim: int, given: Optional[str], what: str, path,
+               refuse_named: bool = False) -> Optional[str]:
+    """Picks the key holding the cube (ndim 3) or the mask (ndim 2).
+
+    With `refuse_named` (the mask), an array under a preferred name that
+    fits nowhere is refused with its shape rather than passed over: the
+    file says it is the mask, so scoring "without a mask" would mislead.
+    An (H, W, 1) array counts as 2-D there (`check_mask` accepts it).
+    """
     if given is not None:
         if given not in arrays:
             raise InputError(f"{path}: no key {given!r} for the {what}; keys "
                              f"found: {sorted(arrays)}")
         return given
+
+    def fits(v):
+        shape = np.shape(v)
+        return len(shape) == ndim or (refuse_named and len(shape) == ndim + 1
+                                      and shape[-1] == 1)
     lower = {k.lower(): k for k in arrays}
-    for name in preferred:
-        if name in lower and np.ndim(arrays[lower[name]]) == ndim:
-            return lower[name]
+    named = [lower[name] for name in preferred if name in lower]
+    for key in named:
+        if fits(arrays[key]):
+            return key
+    if refuse_named and named:
+        raise InputError(f"{path}: the {what} [{named[0]}] has shape "
+                         f"{np.shape(arrays[named[0]])}, not (H, W): it cannot "
+                         f"be used; fix it, or name the {what} with "
+                         f"{KEY_OPTIONS[what]}")
     candidates = [k for k, v in arrays.items() if np.ndim(v) == ndim
                   and np.issubdtype(np.asarray(v).dtype, np.number)]
     if len(candidates) == 1:
@@ -61,7 +80,7 @@ def _match_key(arrays: Mapping[str, np.ndarray], preferred: Sequence[str],
     if len(candidates) > 1:
         raise InputError(
             f"{path}: cannot tell which key holds the {what}: {candidates} "
-            f"are all {ndim}-D; name one (--{what.replace(' ', '-')}-key)")
+            f"are all {ndim}-D; name one ({KEY_OPTIONS[what]})")
     return None
 
 
@@ -221,7 +240,8 @@ def load_scene(path, cube_key: Optional[str] = None,
                          + ", ".join(f"{k} {np.shape(v)}" for k, v in arrays.items()))
     cube = check_cube(arrays[key], f"{path} [{key}]")
     rest = {k: v for k, v in arrays.items() if k != key}
-    gt_name = _match_key(rest, GT_KEYS, 2, gt_key, "mask", path)
+    gt_name = _match_key(rest, GT_KEYS, 2, gt_key, "mask", path,
+                         refuse_named=True)
     if gt_name is not None:
         gt = check_mask(rest[gt_name], cube.shape[:2], f"{path} [{gt_name}]")
     elif (png := _had100_mask_path(path)) is not None:

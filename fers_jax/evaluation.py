@@ -12,12 +12,21 @@ chosen detector, scores every map and writes, under `out`:
 * report.md and report.html with the table, maps, ROC curves and box plots;
 * features/<name>.npz with spe_f / spa_f when `export` is set (FERD, FERS).
 
+`compare(...)` runs several methods over the same scenes (each scene loaded
+once) and writes one comparison under `out`: results.json with one block
+per method (each in the single-method format above) and the per-scene AUC
+table; maps/<method>/<name>.npy; maps/<name>.png, the maps side by side
+with one colour bar; roc/<name>.png, one curve per method; report.md and
+report.html with the table, the best of each row marked, and a mean row.
+Every method has its own `EvalConfig`: its options stay in one place.
+
 Maps, features and plots are written to a hidden staging folder in `out`
 and moved into place only when every scene has been scored: a run that
 stops half way (a corrupt scene, Ctrl-C) leaves the outputs of an earlier
 run in `out` as they were.
 """
 
+import argparse
 import dataclasses
 import json
 import os
@@ -110,28 +119,39 @@ def _rx_detector(cfg: EvalConfig, mesh) -> Detector:
     return detect
 
 
-def _batches(files: Sequence[pathlib.Path], cfg: EvalConfig
-             ) -> Iterator[Tuple[List[data.Scene], np.ndarray]]:
-    """Yields runs of consecutive same-shape scenes, at most batch_size each."""
+def _batches(files: Sequence[pathlib.Path], cfgs: Sequence[EvalConfig]
+             ) -> Iterator[Tuple[List[data.Scene], Dict[tuple, np.ndarray]]]:
+    """Yields runs of consecutive same-shape scenes, at most batch_size each,
+    with their inputs per band selection (bands, start_band) of `cfgs`:
+    each scene is loaded once, whatever the number of methods."""
     from fers_jax import tiling
-    run, inputs = [], []
+    first = cfgs[0]
+    selections = list(dict.fromkeys((c.bands, c.start_band) for c in cfgs))
+    run, inputs, shapes = [], [], None
     for f in files:
-        scene = data.load_scene(f, cfg.cube_key, cfg.gt_key)
+        scene = data.load_scene(f, first.cube_key, first.gt_key)
         if scene.shape[0] * scene.shape[1] > tiling.AUTO_MAX_PIXELS:
             # A flight line: normalised without a float64 copy, scored alone.
-            x = tiling.normalise_tiled(data.select_bands(
-                scene.cube, cfg.bands, cfg.start_band, scene.path), where=scene.path)
+            x = {sel: tiling.normalise_tiled(data.select_bands(
+                scene.cube, *sel, scene.path), where=scene.path)
+                for sel in selections}
             limit = 1
         else:
-            x = data.prepare(scene, cfg.bands, cfg.start_band)
-            limit = cfg.batch_size
-        if inputs and (x.shape != inputs[0].shape or len(run) >= limit):
-            yield run, np.stack(inputs)
+            x = {sel: data.prepare(scene, *sel) for sel in selections}
+            limit = first.batch_size
+        key = tuple(v.shape for v in x.values())
+        if inputs and (key != shapes or len(run) >= limit):
+            yield run, _stack(inputs)
             run, inputs = [], []
         run.append(scene)
         inputs.append(x)
+        shapes = key
     if run:
-        yield run, np.stack(inputs)
+        yield run, _stack(inputs)
+
+
+def _stack(inputs: List[Dict[tuple, np.ndarray]]) -> Dict[tuple, np.ndarray]:
+    return {sel: np.stack([x[sel] for x in inputs]) for sel in inputs[0]}
 
 
 def _timed(detector: Detector, batch: np.ndarray, seen_shapes: set):
@@ -234,6 +254,24 @@ def _publish(stage: pathlib.Path, out: pathlib.Path) -> None:
         os.replace(src, dst)
 
 
+@dataclasses.dataclass
+class _Method:
+    """One method of a run: its config, detector and what it has scored."""
+    cfg: EvalConfig
+    detector: Detector
+    rows: list = dataclasses.field(default_factory=list)
+    seen_shapes: set = dataclasses.field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        return self.cfg.method
+
+
+def _method(cfg: EvalConfig) -> _Method:
+    detector, cfg = build_detector(cfg)
+    return _Method(cfg, detector)
+
+
 def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
              progress: bool = True) -> dict:
     """Runs one method over scenes and writes its results under `out`.
@@ -242,41 +280,20 @@ def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
       The results dict, as written to out/results.json.
     """
     files = data.find_scene_files(scene_paths, sensor=cfg.sensor)
-    detector, cfg = build_detector(cfg)
+    method = _method(cfg)
     out = prepare_out_dir(out)
-    seen_shapes, names, rows = set(), set(), []
     curves = {}
-    # As a context: a failure mid-run closes the bar first, so that the
-    # error is printed on a line of its own.
-    with _staging(out) as stage, _progress(len(files), cfg.method, progress) as bar:
-        (stage / "maps").mkdir()
-        for scenes, batch in _batches(files, cfg):
-            try:
-                maps, extras, seconds, compile_s = _timed(detector, batch,
-                                                          seen_shapes)
-            except InputError as e:  # e.g. a window larger than this scene
-                more = f" (and {len(scenes) - 1} more)" if len(scenes) > 1 else ""
-                raise InputError(f"{scenes[0].path}{more}: {e}") from None
-            for i, scene in enumerate(scenes):
-                name = _unique_name(scene.name, names)
-                score_map = np.asarray(maps[i], np.float32)
-                row = {"name": name, "shape": list(scene.shape),
-                       **metrics.scene_metrics(maps[i], scene.gt, scene.path),
-                       "seconds": seconds / len(scenes),
-                       "compile_seconds": compile_s if i == 0 else 0.0,
-                       "path": scene.path}
-                rows.append(row)
-                np.save(stage / "maps" / f"{name}.npy", score_map)
-                if extras:
-                    _export(stage, name, {k: v[i] for k, v in extras.items()})
-                if row["auc"] is not None and cfg.plots:
-                    curves[name] = metrics.roc_curve(score_map, scene.gt)
-                if cfg.plots:
-                    from fers_jax import plots
-                    plots.save_map(stage / "maps" / f"{name}.png", score_map,
-                                   scene.gt, title=f"{name} ({cfg.method})")
-                bar.update(1)
-        results = _summary(cfg, rows)
+
+    def scored(scene, name, maps, stage):
+        score_map = maps[method.label]
+        if method.rows[-1]["auc"] is not None:
+            curves[name] = metrics.roc_curve(score_map, scene.gt)
+        from fers_jax import plots
+        plots.save_map(stage / "maps" / f"{name}.png", score_map,
+                       scene.gt, title=f"{name} ({cfg.method})")
+    with _staging(out) as stage:
+        _score(files, [method], stage, progress, scored if cfg.plots else None)
+        results = _summary(method.cfg, method.rows)
         if cfg.plots and curves:
             from fers_jax import plots
             plots.save_roc(stage / "roc.png", curves, title=f"ROC ({cfg.method})")
@@ -287,10 +304,124 @@ def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
     return results
 
 
+def compare(scene_paths: Iterable, out, cfgs: Sequence[EvalConfig],
+            progress: bool = True) -> dict:
+    """Runs several methods over the same scenes; one comparison under `out`.
+
+    Args:
+      cfgs: one EvalConfig per method (distinct methods). Scenes are found,
+        loaded and batched by the first one's sensor, keys and batch size;
+        plots and export follow it too.
+
+    Returns:
+      The comparison dict, as written to out/results.json: `methods` (their
+      order), `scenes` (name, shape, path, `auc` per method, `best`: the
+      methods with the row's best AUC at 4 digits), `mean_auc` per method,
+      `best_mean`, and `results`: each method's block in the single-method
+      format (`evaluate`'s results.json).
+    """
+    cfgs = list(cfgs)
+    labels = [c.method for c in cfgs]
+    if not cfgs or len(set(labels)) != len(labels):
+        raise InputError(f"methods to compare must be distinct, got {labels}")
+    files = data.find_scene_files(scene_paths, sensor=cfgs[0].sensor)
+    methods = [_method(c) for c in cfgs]
+    out = prepare_out_dir(out)
+    plots_on = cfgs[0].plots
+
+    def scored(scene, name, maps, stage):
+        from fers_jax import plots
+        plots.save_maps(stage / "maps" / f"{name}.png", maps, scene.gt,
+                        title=name)
+        if metrics.check_scorable(scene.gt) is None:
+            (stage / "roc").mkdir(exist_ok=True)
+            plots.save_roc(stage / "roc" / f"{name}.png",
+                           {m: metrics.roc_curve(v, scene.gt)
+                            for m, v in maps.items()}, title=f"ROC: {name}")
+    with _staging(out) as stage:
+        _score(files, methods, stage, progress, scored if plots_on else None)
+        results = comparison(
+            {m.label: _summary(m.cfg, m.rows) for m in methods})
+        _publish(stage, out)
+    write_json_atomic(out / "results.json", results)
+    from fers_jax import report
+    report.write_comparison_report(out, results)
+    return results
+
+
+def _score(files, methods: List[_Method], stage: pathlib.Path, progress: bool,
+           scored: Optional[Callable] = None) -> None:
+    """Runs every method on every batch of scenes; appends their rows and
+    writes the maps (maps/<name>.npy for one method, maps/<method>/<name>.npy
+    for several) and features into `stage`. `scored(scene, name, {method:
+    map}, stage)` is called after each scene, for its figures."""
+    single = len(methods) == 1
+    names = set()
+    folder = {m.label: stage / "maps" / ("" if single else m.label)
+              for m in methods}
+    for f in folder.values():
+        f.mkdir(parents=True, exist_ok=True)
+    desc = "+".join(m.label for m in methods)
+    # As a context: a failure mid-run closes the bar first, so that the
+    # error is printed on a line of its own.
+    with _progress(len(files), desc, progress) as bar:
+        for scenes, inputs in _batches(files, [m.cfg for m in methods]):
+            outputs = {}
+            for m in methods:
+                batch = inputs[(m.cfg.bands, m.cfg.start_band)]
+                try:
+                    outputs[m.label] = _timed(m.detector, batch, m.seen_shapes)
+                except InputError as e:  # e.g. a window larger than this scene
+                    more = (f" (and {len(scenes) - 1} more)"
+                            if len(scenes) > 1 else "")
+                    which = "" if single else f"{m.label}: "
+                    raise InputError(f"{scenes[0].path}{more}: {which}{e}") from None
+            for i, scene in enumerate(scenes):
+                name = _unique_name(scene.name, names)
+                maps = {}
+                for m in methods:
+                    all_maps, extras, seconds, compile_s = outputs[m.label]
+                    maps[m.label] = np.asarray(all_maps[i], np.float32)
+                    m.rows.append({
+                        "name": name, "shape": list(scene.shape),
+                        **metrics.scene_metrics(all_maps[i], scene.gt, scene.path),
+                        "seconds": seconds / len(scenes),
+                        "compile_seconds": compile_s if i == 0 else 0.0,
+                        "path": scene.path})
+                    np.save(folder[m.label] / f"{name}.npy", maps[m.label])
+                    if extras:
+                        _export(stage, name if single else f"{m.label}/{name}",
+                                {k: v[i] for k, v in extras.items()})
+                if scored is not None:
+                    scored(scene, name, maps, stage)
+                bar.update(1)
+
+
+def comparison(blocks: Dict[str, dict]) -> dict:
+    """The comparison record of several methods' results (`compare`)."""
+    labels = list(blocks)
+    first = blocks[labels[0]]
+    scenes = []
+    for k, row in enumerate(first["scenes"]):
+        aucs = {m: blocks[m]["scenes"][k]["auc"] for m in labels}
+        scenes.append({"name": row["name"], "shape": row["shape"],
+                       "path": row["path"], "auc": aucs, "best": _best(aucs)})
+    means = {m: blocks[m]["mean_auc"] for m in labels}
+    return {"methods": labels, "device": first["device"], "scenes": scenes,
+            "mean_auc": means, "best_mean": _best(means), "results": blocks}
+
+
+def _best(values: Dict[str, Optional[float]]) -> list:
+    """The keys whose value is the highest at the 4 digits reports show."""
+    shown = {k: round(v, 4) for k, v in values.items() if v is not None}
+    top = max(shown.values(), default=None)
+    return [k for k, v in shown.items() if v == top]
+
+
 def _export(out: pathlib.Path, name: str, features: Dict[str, np.ndarray]) -> None:
-    folder = out / "features"
-    folder.mkdir(exist_ok=True)
-    np.savez(folder / f"{name}.npz",
+    path = out / "features" / f"{name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path,
              **{k: np.asarray(v, np.float32) for k, v in features.items()})
 
 
@@ -307,6 +438,18 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="scene", disable=not enabled,
                 dynamic_ncols=True)
+
+
+def configs_from_args(args) -> List[EvalConfig]:
+    """One config per --method (several: a comparison), each checked."""
+    methods = args.method
+    methods = ["rx"] if not methods else (
+        [methods] if isinstance(methods, str) else list(methods))
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise InputError(f"--method lists {', '.join(twice)} more than once")
+    return [config_from_args(argparse.Namespace(**{**vars(args), "method": m}))
+            for m in methods]
 
 
 def config_from_args(args) -> EvalConfig:
@@ -326,6 +469,23 @@ def config_from_args(args) -> EvalConfig:
     if cfg.dtype not in ("float32", "bfloat16"):
         raise InputError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     return cfg
+
+
+def format_comparison(results: dict) -> str:
+    """The comparison's AUC table for the terminal; * marks a row's best."""
+    methods = results["methods"]
+    width = max(8, *(len(m) + 1 for m in methods))
+
+    def cells(values, best):
+        return "".join(
+            f"{('-' if values[m] is None else f'{values[m]:.4f}') + ('*' if m in best else ' '):>{width + 1}}"
+            for m in methods)
+    lines = [f"{'scene':<24}" + "".join(f"{m:>{width}} " for m in methods)]
+    lines += [f"{r['name']:<24}" + cells(r["auc"], r["best"])
+              for r in results["scenes"]]
+    lines.append(f"{'mean':<24}" + cells(results["mean_auc"], results["best_mean"]))
+    lines.append(f"AUC per scene (* best of the row) on {results['device']}")
+    return "\n".join(lines)
 
 
 def format_summary(results: dict) -> str:

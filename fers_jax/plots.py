@@ -1,4 +1,5 @@
-"""Figures of the evaluation: a map beside its mask, ROC curves, box plots."""
+"""Figures of the evaluation: a map beside its mask, several methods' maps
+side by side, ROC curves, box plots."""
 
 import pathlib
 from typing import Dict, Optional
@@ -23,6 +24,38 @@ def save_map(path, score_map: np.ndarray, gt: Optional[np.ndarray],
     for ax in axes.ravel():
         ax.set_axis_off()
     fig.tight_layout()
+    fig.savefig(pathlib.Path(path), dpi=100)
+    plt.close(fig)
+
+
+def save_maps(path, maps: Dict[str, np.ndarray], gt: Optional[np.ndarray],
+              title: str = "") -> None:
+    """Writes several methods' maps of one scene side by side (and its mask).
+
+    The methods' scores live on different scales (Mahalanobis distances, a
+    product of scaled maps): each map is min-max scaled to [0, 1] so that
+    one colour bar reads them all.
+    """
+    first = int(gt is not None)  # the mask leads, the maps and their bar follow
+    fig, axes = plt.subplots(1, len(maps) + first,
+                             figsize=(2.8 * (len(maps) + first) + 0.8, 3.2),
+                             squeeze=False)
+    if gt is not None:
+        axes[0, 0].imshow(gt, cmap="gray", vmin=0, vmax=1)
+        axes[0, 0].set_title("ground truth", fontsize=9)
+    image = None
+    for ax, (name, m) in zip(axes[0, first:], maps.items()):
+        m = np.asarray(m, np.float64)
+        span = m.max() - m.min()
+        image = ax.imshow((m - m.min()) / span if span > 0 else np.zeros_like(m),
+                          cmap="magma", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=9)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.colorbar(image, ax=list(axes[0]), shrink=0.8,
+                 label="score (min-max scaled per map)")
     fig.savefig(pathlib.Path(path), dpi=100)
     plt.close(fig)
 

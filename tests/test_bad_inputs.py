@@ -29,6 +29,7 @@ import pickle
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -248,6 +249,11 @@ SCENE_CASES = {
     "mask_negative": (_negative_mask, [], "negative values"),
     "mask_nan": (_nan_mask, [], "the mask has NaN or Inf"),
     "mask_strings": (_mask(np.full((12, 12), "x")), [], "not numbers"),
+    # under a standard name but of no usable shape: refused, not dropped
+    "mask_named_but_unusable": (lambda d: scene(d / "g.npz", map=None,
+                                                gt=np.zeros((12, 12, 2))),
+                                [], "the mask [gt] has shape (12, 12, 2), not "
+                                    "(H, W): it cannot be used"),
 }
 
 
@@ -795,6 +801,144 @@ def test_checkpoint_loaders_api(frn_orbax):
         checkpoints.load_student(CHECKPOINTS / "100bands" / "enc.pt")
     with pytest.raises(CheckpointError, match="holds a frn checkpoint, not student"):
         checkpoints.load_student(frn_orbax)
+
+
+def test_mask_of_shape_h_w_1_under_a_standard_name_is_used(tmp_path):
+    gt = np.zeros((12, 12, 1), np.uint8)
+    gt[2, 5] = 1
+    s = data.load_scene(scene(tmp_path / "g.npz", map=None, gt=gt))
+    assert s.gt.shape == (12, 12) and s.gt[2, 5] == 1 and s.gt.sum() == 1
+
+
+# --- What a new user hit: run folders, batch advice, paths as typed ----------
+
+def _run_folder(root, kind, exports=("final",), scale=None):
+    """A train.py run folder's layout: <root>/<export>/<kind> checkpoints
+    (the golden student or the 50-band teacher); `scale` {export: factor}
+    multiplies one export's variables, to tell the exports apart."""
+    src = {"student": STUDENT_PT, "teacher": CHECKPOINTS / "50bands"}[kind]
+    variables, config = convert.convert_file(kind, src, 50)
+    (root / "checkpoints").mkdir(parents=True)
+    for export in exports:
+        factor = (scale or {}).get(export, 1.0)
+        checkpoints.save_variables(
+            root / export / kind, jax.tree.map(lambda a: a * factor, variables),
+            checkpoints.model_meta(kind, config))
+    return root
+
+
+def test_evaluate_and_train_take_a_run_folder(tmp_path, capsys, pavia_crop):
+    run = _run_folder(tmp_path / "s1", "teacher")
+    out = tmp_path / "out"
+    code, err = run_eval(capsys, "--scenes", pavia_crop, "--method", "ferd",
+                         "--teacher", run, "--bands", "50", "--out", out)
+    assert code == 0, err
+    assert f"teacher: using {run / 'final' / 'teacher'} (from {run})" in err
+    assert json.loads((out / "results.json").read_text())["scenes"][0]["auc"] > 0.5
+    # train.py stage 2 resolves it the same way (its band check names it)
+    argv = _train_argv(tmp_path, "--teacher", run)
+    argv[0] = "stage2"
+    code, err = call(train.main, argv, capsys)
+    assert_error(code, err, run / "final" / "teacher",
+                 "has 50 bands, the model/scene uses 20")
+
+
+def test_run_folder_prefers_best_and_says_so(tmp_path, capsys):
+    run = _run_folder(tmp_path / "s2", "student", ("best", "final"),
+                      scale={"final": 2.0})
+    _, got = checkpoints.load_student(run)
+    assert f"student: using {run / 'best' / 'student'}" in capsys.readouterr().err
+    _, best = checkpoints.load_student(run / "best" / "student")
+    _, final = checkpoints.load_student(run / "final" / "student")
+    leaves = lambda v: jax.tree.leaves(v)  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(got), leaves(best)))
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves(got), leaves(final)))
+    # an export folder names its part too
+    _, got = checkpoints.load_student(run / "final")
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(got), leaves(final)))
+
+
+def test_run_folder_without_a_finished_model(tmp_path, capsys):
+    run = tmp_path / "s2"
+    (run / "checkpoints").mkdir(parents=True)
+    s = scene(tmp_path / "s.npz", b=50)
+    code, err = run_eval(capsys, "--scenes", s, "--method", "fers", "--teacher",
+                         CHECKPOINTS / "50bands", "--student", run,
+                         "--out", tmp_path / "o")
+    assert_error(code, err, run, "is a train.py run folder with no student model "
+                                 "in best/ or final/")
+    # a stage-1 run holds no student
+    run1 = _run_folder(tmp_path / "s1", "teacher")
+    with pytest.raises(CheckpointError, match="with no student model"):
+        checkpoints.load_student(run1)
+
+
+def test_train_says_which_settings_give_one_batch(tmp_path, capsys):
+    import re
+    import time
+    from fers_jax.datasets import crops
+    argv = _train_argv(tmp_path, "--patch-size", "64", "--batch-size", "16")
+    start = time.perf_counter()
+    code, err = call(train.main, argv, capsys)
+    line = assert_error(code, err, BACKGROUND / "jasper-ridge.npz",
+                        BACKGROUND / "samson.npz", "not one batch of 16")
+    assert time.perf_counter() - start < 30  # before any model is built
+    scenes = data.load_scenes([BACKGROUND])
+    patches = lambda size, stride: len(crops.PatchSource(  # noqa: E731
+        scenes, size, stride))
+    n = int(re.search(r"give (\d+) background patches of 64x64 at stride 64",
+                      line).group(1))
+    assert n == patches(64, None) < 16
+    assert f"--batch-size {n}" in line
+    stride = int(re.search(r"--stride (\d+) \((\d+) patches\)", line).group(1))
+    assert patches(64, stride) >= 16 > max(patches(64, t)
+                                           for t in range(stride + 1, 64))
+    size, count = map(int, re.search(r"--patch-size (\d+) \((\d+) patches\)",
+                                     line).groups())
+    assert size % 8 == 0  # what the stage-1 graph takes (pad 4)
+    assert count == patches(size, None) >= 16
+    assert all(patches(p, None) < 16 for p in range(size + 8, 64, 8))
+    # the data set is in the message too when no setting helps
+    code, err = call(train.main, _train_argv(
+        tmp_path, "--patch-size", "64", "--batch-size", "10000"), capsys)
+    assert_error(code, err, f"give {n} background patches",
+                 f"not one batch of 10000; use --batch-size {n}")
+
+
+def test_messages_name_paths_through_a_symbolic_link(tmp_path, capsys):
+    """With the shared data behind a link (as ../shared may be), messages
+    name the link's path as typed, not its target."""
+    link = tmp_path / "shared"
+    link.symlink_to(CHECKPOINTS.parents[2].resolve(), target_is_directory=True)
+    ckpts = link / CHECKPOINTS.relative_to(CHECKPOINTS.parents[2])
+    target = str(CHECKPOINTS.resolve())
+
+    def named(err, *needles):
+        line = assert_error(2, err, *needles)
+        assert target not in line, line
+    code, err = run_eval(capsys, "--scenes", scene(tmp_path / "s.npz", b=50),
+                         "--out", tmp_path / "o", "--method", "fers", "--bands",
+                         "50", "--teacher", ckpts / "50bands", "--student",
+                         ckpts / "50bands")
+    assert code == 2
+    named(err, ckpts / "50bands", "is a folder")
+    with pytest.raises(CheckpointError) as e:
+        checkpoints.load_teacher(ckpts / "100bands", 50)
+    assert str(e.value).startswith(f"teacher checkpoint {ckpts / '100bands'} has")
+    code, err = call(convert.main, [ckpts / "50bands", "--kind", "teacher",
+                                    "--bands", "100", "--out", tmp_path / "c"],
+                     capsys)
+    named(err, ckpts / "50bands", "has 50 bands")
+    argv = _train_argv(tmp_path, "--teacher", ckpts / "50bands")
+    argv[0] = "stage2"
+    code, err = call(train.main, argv, capsys)
+    named(err, ckpts / "50bands", "has 50 bands")
+    scenes = link / SCENES.relative_to(CHECKPOINTS.parents[2])
+    code, err = run_eval(capsys, "--scenes", scenes / "pavia-car.mat", "--bands",
+                         "500", "--out", tmp_path / "o")
+    assert code == 2
+    line = assert_error(code, err, scenes / "pavia-car.mat", "fewer than the 500")
+    assert str(SCENES.resolve()) not in line
 
 
 # --- --help: every option explained, with its default ------------------------

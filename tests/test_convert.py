@@ -56,7 +56,7 @@ def test_teacher_band_count_refused():
     src = CHECKPOINTS / "100bands"
     with pytest.raises(CheckpointError) as err:
         checkpoints.load_teacher(src, bands=50)
-    assert str(err.value) == (f"teacher checkpoint {src.resolve()} has 100 "
+    assert str(err.value) == (f"teacher checkpoint {src} has 100 "
                               "bands, the model/scene uses 50")
     with pytest.raises(CheckpointError, match="has 50 bands, the model/scene "
                        "uses 100"):

@@ -6,7 +6,7 @@ given origin is the same array whichever way it was made.
 """
 
 import logging
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -61,8 +61,7 @@ def clean_origins(scene: data.Scene, size: int, stride: int) -> list:
     Logs a warning when a scene gives no patch at all.
     """
     origins = grid(scene.cube.shape[:2], size, stride)
-    clean = [(y, x) for y, x in origins
-             if not touches_anomaly(scene.gt, y, x, size)]
+    clean = _clean(scene, origins, size)
     if not origins:
         log.warning("%s: %dx%d pixels, smaller than a %dx%d patch; it "
                         "gives no patches", scene.path, *scene.cube.shape[:2],
@@ -72,6 +71,55 @@ def clean_origins(scene: data.Scene, size: int, stride: int) -> list:
                         "%d anomaly pixels; it gives no background patches",
                         scene.path, size, size, stride, int(scene.gt.sum()))
     return clean
+
+
+def _clean(scene: data.Scene, origins, size: int) -> list:
+    return [(y, x) for y, x in origins
+            if not touches_anomaly(scene.gt, y, x, size)]
+
+
+def count_patches(scenes: Iterable, size: int, stride: Optional[int]) -> int:
+    """How many background patches `PatchSource(scenes, size, stride)` holds."""
+    size, stride = check_size_stride(size, stride)
+    return sum(len(_clean(s, grid(s.cube.shape[:2], size, stride), size))
+               for s in scenes)
+
+
+def batch_advice(scenes: Sequence, size: int, stride: Optional[int],
+                 batch_size: int, multiple: int = 1,
+                 size_ok: Callable[[int], bool] = lambda size: True) -> str:
+    """Why `scenes` give no batch of `batch_size` patches, and what would.
+
+    Counts the patches at this size and stride, then finds (by counting,
+    as `PatchSource` would cut them) the largest batch size (a multiple of
+    `multiple`, the devices a batch is split over), the largest smaller
+    stride at this size, and the largest smaller patch size (one that
+    `size_ok` accepts; at `stride`, or at its own size when `stride` is
+    None) that give at least one batch.
+    """
+    size_, stride_ = check_size_stride(size, stride)
+    n = count_patches(scenes, size_, stride_)
+    shown = ", ".join(f"{s.path} {s.shape[0]}x{s.shape[1]}" for s in scenes[:3])
+    more = f" and {len(scenes) - 3} more" if len(scenes) > 3 else ""
+    options = []
+    if n >= multiple:
+        options.append(f"--batch-size {n - n % multiple}")
+    stride_fix = next((t for t in range(stride_ - 1, 0, -1)
+                       if count_patches(scenes, size_, t) >= batch_size), None)
+    if stride_fix is not None:
+        options.append(f"--stride {stride_fix} "
+                       f"({count_patches(scenes, size_, stride_fix)} patches)")
+    size_fix = next((p for p in range(size_ - 1, 0, -1) if size_ok(p)
+                     and count_patches(scenes, p, stride) >= batch_size), None)
+    if size_fix is not None:
+        options.append(f"--patch-size {size_fix} "
+                       f"({count_patches(scenes, size_fix, stride)} patches)")
+    joined = " or ".join(options[-2:]) if len(options) < 3 else \
+        f"{options[0]}, {options[1]} or {options[2]}"
+    advice = f"; use {joined}" if options else \
+        "; no smaller --batch-size, --stride or --patch-size helps: add scenes"
+    return (f"{shown}{more} give {n} background patches of {size_}x{size_} "
+            f"at stride {stride_}: not one batch of {batch_size}{advice}")
 
 
 class PatchSource:

@@ -96,6 +96,15 @@ class PixelClassifier(nn.Module):
         return {"prob": prob, "logits": logits, "mixf": f21}
 
 
+def size_fits(n: int, cfg: FerdConfig) -> bool:
+    """Whether the stage-1 graph takes images `n` pixels high (or wide).
+
+    Three stride-2 steps (encoder 2, OCBE 1) that the decoder undoes: other
+    sizes leave encoder and decoder levels of different shapes.
+    """
+    return (n + 2 * cfg.pad) % 8 == 0
+
+
 class FerdNet(nn.Module):
     """x (N, H, W, B) -> dict of every intermediate, NHWC:
 
@@ -119,9 +128,7 @@ class FerdNet(nn.Module):
     def __call__(self, x, train: bool = False):
         cfg = self.config
         check_bands(x, cfg.bands, "stage-1 graph")
-        # Three stride-2 steps (encoder 2, OCBE 1) that the decoder undoes:
-        # other sizes leave encoder and decoder levels of different shapes.
-        if any((n + 2 * cfg.pad) % 8 for n in x.shape[1:3]):
+        if not all(size_fits(n, cfg) for n in x.shape[1:3]):
             raise InputError(
                 f"the stage-1 graph needs H + {2 * cfg.pad} and W + "
                 f"{2 * cfg.pad} divisible by 8; got H, W = {x.shape[1:3]}")

@@ -26,19 +26,21 @@ class Checkpoints:
     """Save and restore TrainStates with their metadata.
 
     Args:
-      directory: where checkpoints go (made absolute; Orbax requires it).
+      directory: where checkpoints go; kept as given for messages, handed
+        to Orbax resolved (it requires an absolute path).
     """
 
     def __init__(self, directory):
-        self.directory = pathlib.Path(directory).expanduser().resolve()
+        self.directory = pathlib.Path(directory).expanduser()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.LatestN(1),
             # Synchronous: a save is on disk when save() returns, so a signal
             # or a crash right after it loses nothing.
             enable_async_checkpointing=False, cleanup_tmp_directories=True,
             create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(
+            self.directory.resolve(), options=options,
+            item_names=("state", "meta"))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()

@@ -47,6 +47,8 @@ from fers_jax import checkpoints as model_checkpoints
 from fers_jax import data, input_pipeline, metrics, parallel
 from fers_jax.evaluation import write_json_atomic
 from fers_jax.errors import FersError, InputError
+from fers_jax.datasets import crops
+from fers_jax.models import ferd
 from fers_jax.training import checkpointing, stage1, stage2
 from fers_jax.training.config import TrainConfig
 from fers_jax.training.state import (AdamConfig, TrainState, count,
@@ -83,6 +85,27 @@ def training_source(cfg: TrainConfig):
         return input_pipeline.tfds_source(paths[0], "train")
     return input_pipeline.scene_source(paths, size=cfg.patch_size,
                                        stride=cfg.stride, sensor=cfg.sensor)
+
+
+def check_one_batch(cfg: TrainConfig, source, devices: int = 1):
+    """Refuses a source without one batch of cfg.batch_size images, saying
+    (for patches cut from scenes) which smaller --batch-size, --stride or
+    --patch-size would give one (`crops.batch_advice`); before any model is
+    built, so the user waits for nothing."""
+    n = len(source)
+    if n >= cfg.batch_size:
+        return
+    if isinstance(source, crops.PatchSource):
+        size_ok = lambda size: True  # noqa: E731
+        if cfg.stage == "stage1":
+            config = stage1.task(cfg.bands, cfg.model).config
+            size_ok = lambda size: ferd.size_fits(size, config)  # noqa: E731
+        raise InputError(crops.batch_advice(
+            source.scenes, cfg.patch_size, cfg.stride, cfg.batch_size,
+            multiple=devices, size_ok=size_ok))
+    fix = f"; use --batch-size {n - n % devices}" if n >= devices else ""
+    raise InputError(f"{cfg.data[0]}: the dataset has {n} images: not one "
+                     f"batch of {cfg.batch_size}{fix}")
 
 
 def eval_scenes(cfg: TrainConfig):
@@ -261,7 +284,7 @@ class StopRequests(contextlib.AbstractContextManager):
 # --- The run -----------------------------------------------------------------------
 
 def _prepare_out(cfg: TrainConfig) -> pathlib.Path:
-    out = pathlib.Path(cfg.out).expanduser().resolve()
+    out = pathlib.Path(cfg.out).expanduser()  # as given: messages name it
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -312,6 +335,7 @@ class _Run:
         self.seed = cfg.run_seed
         init_key, self.data_seed = derive_keys(self.seed)
         self.source = training_source(cfg)
+        check_one_batch(cfg, self.source, mesh.size)
         self.val, self.test = eval_scenes(cfg)
         self.select = selection(cfg, self.val, self.test)
         self.out = _prepare_out(cfg)
@@ -349,7 +373,7 @@ class _Run:
     def describe(self) -> dict:
         return {"train_config": self.cfg.to_dict(), "task": self.task.describe(),
                 "seed": self.seed, "data_seed": self.data_seed,
-                "select": self.select, "out": str(self.out)}
+                "select": self.select, "out": str(self.out.resolve())}
 
     def meta(self) -> dict:
         return {**self.describe(), "step": int(self.state.step),
@@ -478,7 +502,7 @@ def train_and_evaluate(cfg: TrainConfig, mesh=None) -> dict:
         interrupted = _train(run)
         if interrupted:
             summary = {"interrupted": interrupted, "step": int(run.state.step),
-                       "checkpoints": str(run.ckpts.directory)}
+                       "checkpoints": str(run.ckpts.directory.resolve())}
         else:
             summary = _finish(run)
     finally:
@@ -585,11 +609,11 @@ def _finish(run: _Run) -> dict:
     the best epoch's model was exported when validation found it)."""
     summary = {"interrupted": None, "step": int(run.state.step),
                "epoch": run.batches.state["epoch"], "select": run.select,
-               "best": run.best, "checkpoints": str(run.ckpts.directory),
+               "best": run.best, "checkpoints": str(run.ckpts.directory.resolve()),
                "final": run.task.export(run.state.variables(), run.out / "final")}
     if run.best is not None:
         if _best_step_on_disk(run) == run.best["step"]:
-            summary["best_export"] = {name: str(run.out / BEST / name)
+            summary["best_export"] = {name: str((run.out / BEST / name).resolve())
                                       for name in summary["final"]}
         else:  # only after a resume that _reconcile_best could not mend
             summary["best_export"] = None
