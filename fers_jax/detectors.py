@@ -417,26 +417,88 @@ def fuse(maps: Sequence, mode: str = "sum"):
 #
 # LRX and CRD score each pixel against its own background: the pixels of an
 # `outer` x `outer` window minus an `inner` x `inner` guard window, both
-# centred on it (K = outer^2 - inner^2 background pixels). Borders are
-# padded by reflection (jnp.pad mode="reflect", NumPy's "reflect": the edge
-# pixel is not repeated, row -1 is row 1), so border windows hold mirrored
-# copies of real pixels. A pixel d rows (or columns) from a border, the
-# edge being d = 0, with inner // 2 < 2d <= outer // 2 (d = 1, 2 for
-# (3, 11)) has its own mirror image in its background; so do pixels whose
-# exact spectrum recurs nearby (5-19% of the pixels of the shared ABU scenes
-# equal a neighbour). CRD scores those 0, LRX at most (K - 1)^2 / K (the
-# bound for a point of the sample, reached when B >= K - 1).
-# As in RX, each image is first min-max scaled to [0, 1] over all its pixels
-# and bands, and computed in float64.
+# centred on it (K = outer^2 - inner^2 background positions). As in RX, each
+# image is first min-max scaled to [0, 1] over all its pixels and bands, and
+# computed in float64.
+#
+# Borders (`border`), for windows that overhang the image:
+#
+# * "wrap": the image tiled periodically, as the public MATLAB code does
+#   (repmat 3 x 3 and crop): a pixel on an edge takes its background from
+#   the opposite edge. With outer <= min(H, W) no window reaches back to its
+#   own pixel or guard window, so all K positions are used.
+# * "reflect": mirrored padding (NumPy's "reflect": row -1 is row 1), but a
+#   position whose mirrored source lies in the pixel's own guard window (the
+#   pixel itself included) is left out; other mirrored pixels stay and may
+#   count twice. Without that exclusion a pixel 1-2 rows from an edge
+#   (for (3, 11)) had its own mirror image in its background and scored ~0.
+# * "inside": only positions inside the image; the background shrinks near
+#   edges (to (outer // 2 + 1)^2 - (inner // 2 + 1)^2 at a corner).
+#
+# Left-out positions are masked (weights 0), so every pixel still has a
+# fixed-size K-position problem and the whole image is one batched, jitted
+# computation. In no mode does the pixel under test, or a copy of a pixel
+# of its guard window, enter its own background. Pixels whose exact
+# spectrum recurs in the scene itself can still meet a copy (5-19% of the
+# pixels of the shared ABU scenes equal a neighbour): CRD scores those ~0,
+# LRX's pseudo-inverse form at most (K - 1)^2 / K.
 #
 # Memory is bounded by `chunk`: pixels (of all images of a batch together)
 # are processed `chunk` at a time in a lax.map, so the per-pixel matrices
 # of only one chunk exist at once, whatever the image or batch size.
 
+BORDERS = ("wrap", "reflect", "inside")
+DEFAULT_BORDER = "wrap"
+LRX_FORMS = ("pinv", "matlab")
+CRD_FORMS = ("sum-to-one", "plain")
 LRX_RTOL = 1e-10
+LRX_DELTA = 1e-5
 _LRX_CHUNK = 256
 _CRD_CHUNK = 512
 _CRD_TILE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Convention:
+    """How the local detectors are computed: one place for every option.
+
+    border: see the section comment; lrx_form: "pinv" (centred covariance,
+    pseudo-inverse) or "matlab" (uncentred Gram + delta I); crd_form:
+    "sum-to-one" (Li and Du 2015's main algorithm) or "plain"; scaling:
+    the input the detectors get in evaluate.py, "reference" (the FERS
+    reference's [-0.1, 0.1] float32 normalisation, which the detectors
+    min-max again) or "cube" (the raw cube in float64, min-max scaled over
+    the whole cube by the detector, as the MATLAB code).
+    """
+    border: str = DEFAULT_BORDER
+    lrx_form: str = "pinv"
+    crd_form: str = "sum-to-one"
+    scaling: str = "reference"
+
+
+CONVENTIONS = {
+    "fers_jax": Convention(),
+    # The public MATLAB code (lzw-lzw/Hyperspectral-anomaly-detection-methods,
+    # CRD/CRDfunc.m, LRX/LRXfunc.m).
+    "matlab": Convention(border="wrap", lrx_form="matlab", crd_form="sum-to-one",
+                         scaling="cube"),
+}
+
+
+def convention(name: str = "fers_jax", **overrides) -> Convention:
+    """The named convention, with any option given (not None) replacing its
+    own; each value checked."""
+    if name not in CONVENTIONS:
+        raise InputError(f"convention must be one of {tuple(CONVENTIONS)}, got {name!r}")
+    conv = dataclasses.replace(CONVENTIONS[name], **{
+        k: v for k, v in overrides.items() if v is not None})
+    for field, allowed in (("border", BORDERS), ("lrx_form", LRX_FORMS),
+                           ("crd_form", CRD_FORMS),
+                           ("scaling", ("reference", "cube"))):
+        if getattr(conv, field) not in allowed:
+            raise InputError(f"{field.replace('_', '-')} must be one of {allowed}, "
+                             f"got {getattr(conv, field)!r}")
+    return conv
 
 
 def _check_windows(inner, outer, shape_hw, where):
@@ -461,6 +523,12 @@ def _check_chunk(chunk, where):
     return int(chunk)
 
 
+def _check_border(border, where):
+    if border not in BORDERS:
+        raise InputError(f"{where}: border must be one of {BORDERS}, got {border!r}")
+    return border
+
+
 def _background(inner, outer):
     """Row-major indices, in the outer window, of the K background pixels."""
     o, g = outer, (outer - inner) // 2
@@ -470,10 +538,35 @@ def _background(inner, outer):
     return grid[~guard]
 
 
-def _prepare_local(cubes, pad):
-    """Per-image min-max to [0, 1] in float64, reflect-padded by `pad` pixels."""
+def _valid(rows, cols, h, w, inner, outer, border):
+    """Which of the K background positions count, (..., K) bool, for pixels
+    at image rows/cols (...,); None when all do ("wrap").
+
+    "inside": the position lies in the image. "reflect": its mirrored
+    source is not in the pixel's own guard window.
+    """
+    if border == "wrap":
+        return None
+    r, gi = outer // 2, inner // 2
+    idx = _background(inner, outer)
+    di, dj = idx // outer - r, idx % outer - r
+    sr, sc = rows[..., None] + di, cols[..., None] + dj
+    if border == "inside":
+        return (sr >= 0) & (sr < h) & (sc >= 0) & (sc < w)
+
+    def mirror(s, n):  # NumPy "reflect" for |overhang| < n
+        return jnp.where(s < 0, -s, jnp.where(s >= n, 2 * (n - 1) - s, s))
+    guard = ((jnp.abs(mirror(sr, h) - rows[..., None]) <= gi)
+             & (jnp.abs(mirror(sc, w) - cols[..., None]) <= gi))
+    return ~guard
+
+
+def _prepare_local(cubes, pad, border):
+    """Per-image min-max to [0, 1] in float64, padded by `pad` pixels
+    (periodically, by reflection, or with zeros for "inside": masked)."""
     x = jax.vmap(minmax)(cubes.astype(jnp.float64))
-    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    mode = {"wrap": "wrap", "reflect": "reflect", "inside": "constant"}[border]
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
 
 
 def _chunked(fn, xs, chunk):
@@ -486,59 +579,107 @@ def _chunked(fn, xs, chunk):
     return out.reshape((steps * chunk,) + out.shape[2:])[:n]
 
 
-def _lrx_pixels(xb, y, rtol):
-    """LRX scores of a chunk of P pixels y (P, B), backgrounds xb (P, K, B)."""
-    k = xb.shape[1]
-    mean = xb.mean(axis=1)
-    xc = xb - mean[:, None]
+def _bordered_row(a_mat, v, c):
+    """z = L^-1 v for A = L L' (P, K, K), v (P, K), from one Cholesky of the
+    bordered [[A, v], [v', c]] (its last row; c must keep it definite)."""
+    k = a_mat.shape[-1]
+    border = jnp.concatenate([v, c[:, None]], axis=1)
+    bordered = jnp.concatenate(
+        [jnp.concatenate([a_mat, v[:, :, None]], axis=2), border[:, None, :]], axis=1)
+    chol = jax.lax.linalg.cholesky(bordered, symmetrize_input=False)
+    return chol, chol[:, k, :k]
+
+
+def _lrx_pixels(xb, y, valid, form, rtol, delta):
+    """LRX scores of a chunk of P pixels y (P, B), backgrounds xb (P, K, B),
+    valid (P, K) or None (all K positions count)."""
+    k, b = xb.shape[1], xb.shape[2]
+    if valid is None:
+        n = jnp.full(xb.shape[:1], float(k), xb.dtype)
+        mean = xb.mean(axis=1)
+    else:
+        wts = valid.astype(xb.dtype)
+        xb = xb * wts[..., None]  # masked positions: zero rows
+        n = wts.sum(axis=1)
+        mean = xb.sum(axis=1) / n[:, None]
     d = y - mean
-    if xb.shape[-1] <= k:
-        cov = jnp.einsum("pkb,pkc->pbc", xc, xc, precision=_HIGHEST) / (k - 1)
+    if form == "matlab":
+        # (y - m)' (B'B + delta I)^-1 (y - m), B the uncentred background
+        # (masked rows zero), by Cholesky; with more bands than positions
+        # through the K x K form (Woodbury): (d'd - g'(delta I + BB')^-1 g)
+        # / delta, g = B d.
+        dd = jnp.sum(d * d, -1)
+        if b <= k:
+            gram = (jnp.einsum("pkb,pkc->pbc", xb, xb, precision=_HIGHEST)
+                    + delta * jnp.eye(b, dtype=xb.dtype))
+            _, z = _bordered_row(gram, d, 2 * dd / delta + 1)
+            return jnp.sum(z * z, -1)
+        gram = (jnp.einsum("pkb,plb->pkl", xb, xb, precision=_HIGHEST)
+                + delta * jnp.eye(k, dtype=xb.dtype))
+        g = jnp.einsum("pkb,pb->pk", xb, d, precision=_HIGHEST)
+        _, z = _bordered_row(gram, g, 2 * dd + delta)
+        return (dd - jnp.sum(z * z, -1)) / delta
+    xc = xb - mean[:, None]
+    if valid is not None:
+        xc = xc * wts[..., None]
+    dof = jnp.maximum(n - 1, 1)
+    if b <= k:
+        cov = jnp.einsum("pkb,pkc->pbc", xc, xc, precision=_HIGHEST) / dof[:, None, None]
         return jnp.einsum("pb,pbc,pc->p", d, pinv(cov, rtol, hermitian=True), d,
                           precision=_HIGHEST)
     # More bands than background pixels: the covariance has rank < K, and
-    # d' pinv(C) d = (K - 1) |pinv(Xc Xc') Xc d|^2 (both from the singular
-    # values of Xc, the same ones kept): a K x K instead of a B x B
-    # eigendecomposition.
+    # d' pinv(C) d = (n - 1) |pinv(Xc Xc') Xc d|^2 (both from the singular
+    # values of Xc, the same ones kept; masked rows give exact zeros,
+    # dropped): a K x K instead of a B x B eigendecomposition.
     gram = jnp.einsum("pkb,plb->pkl", xc, xc, precision=_HIGHEST)
     g = jnp.einsum("pkb,pb->pk", xc, d, precision=_HIGHEST)
     z = jnp.einsum("pkl,pl->pk", pinv(gram, rtol, hermitian=True), g, precision=_HIGHEST)
-    return (k - 1) * jnp.sum(z * z, axis=-1)
+    return dof * jnp.sum(z * z, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("inner", "outer", "chunk"))
-def _lrx_batch(cubes, rtol, inner, outer, chunk):
+@functools.partial(jax.jit, static_argnames=("inner", "outer", "chunk", "border",
+                                             "form"))
+def _lrx_batch(cubes, rtol, delta, inner, outer, chunk, border, form):
     n, h, w, b = cubes.shape
     r = outer // 2
-    x = _prepare_local(cubes, r)
+    x = _prepare_local(cubes, r, border)
     hp, wp = h + 2 * r, w + 2 * r
     flat = x.reshape(n * hp * wp, b)
-    # Flat index of each pixel's window corner, and of the window around it.
-    corner = (np.arange(n)[:, None, None] * hp * wp
-              + np.arange(h)[None, :, None] * wp + np.arange(w)[None, None, :])
+    # Flat index of each pixel's window corner, its row and column.
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    corner = (np.arange(n)[:, None, None] * hp * wp + rows * wp + cols)
+    where = np.stack([corner.ravel(), np.broadcast_to(rows, corner.shape).ravel(),
+                      np.broadcast_to(cols, corner.shape).ravel()], -1)
     window = (np.arange(outer)[:, None] * wp + np.arange(outer)[None, :]).ravel()
     background, centre = window[_background(inner, outer)], window[window.size // 2]
 
-    def step(corners):  # gathers whole B-band rows: cheap
+    def step(at):  # gathers whole B-band rows: cheap
+        corners = at[:, 0]
+        valid = _valid(at[:, 1], at[:, 2], h, w, inner, outer, border)
         return _lrx_pixels(flat[corners[:, None] + background],
-                           flat[corners + centre], rtol)
+                           flat[corners + centre], valid, form, rtol, delta)
 
-    return _chunked(step, jnp.asarray(corner.ravel(), jnp.int32),
-                    chunk).reshape(n, h, w)
+    return _chunked(step, jnp.asarray(where, jnp.int32), chunk).reshape(n, h, w)
 
 
 def lrx(cube, inner: int = 3, outer: int = 11, rtol: float = LRX_RTOL,
-        chunk: int = _LRX_CHUNK):
+        chunk: int = _LRX_CHUNK, border: str = DEFAULT_BORDER,
+        form: str = "pinv", delta: float = LRX_DELTA):
     """Local RX: each pixel's Mahalanobis distance to its dual-window background.
 
-    For each pixel y, the background is the K = outer^2 - inner^2 pixels of
-    the outer window minus the inner (guard) window; the score is
-    (y - m)' pinv(C) (y - m) with m their mean and C their covariance
-    (divided by K - 1). Images are min-max scaled to [0, 1] first and
-    reflect-padded (see the section comment above); all in float64.
+    For each pixel y, the background is the pixels of the outer window minus
+    the inner (guard) window (K = outer^2 - inner^2, fewer near the edges
+    with border "inside"; see the section comment above). Images are
+    min-max scaled to [0, 1] first; all in float64. Two forms:
 
-    Pseudo-inverse: with K <= B (e.g. 112 background pixels and 200 bands) C
-    is singular by construction, so the cutoff is part of the method.
+    * "pinv": (y - m)' pinv(C) (y - m) with m the background mean and C its
+      covariance (divided by n - 1, n the background count).
+    * "matlab" (the public MATLAB code's LRXfunc.m): (y - m)' (G + delta I)^-1
+      (y - m) with G = B'B the uncentred Gram matrix of the background
+      spectra B (n x bands, not divided by n).
+
+    Pseudo-inverse ("pinv"): with K <= B (e.g. 112 background pixels and 200
+    bands) C is singular by construction, so the cutoff is part of the method.
     Eigenvalues below `rtol` * the largest are dropped (the pseudo-inverse
     of the symmetric C, or of the K x K Gram of the centred background
     when K <= B, through its eigendecomposition). On the shared
@@ -547,18 +688,23 @@ def lrx(cube, inner: int = 3, outer: int = 11, rtol: float = LRX_RTOL,
     (float64 rounding of the product); 1e-10 sits in that gap, 4 orders
     above rounding, and below it lie directions whose spread is under the
     16-bit quantisation of the data. NumPy's default (1e-15) would keep
-    rounding noise and give scores of 1e15. No diagonal loading: it would
-    change the scores of every pixel, not only the degenerate ones.
+    rounding noise and give scores of 1e15.
+    "matlab" solves by Cholesky, through the K x K system
+    delta I + B B' (Woodbury) when there are more bands than positions.
 
     Args:
       cube: (H, W, B) or (N, H, W, B), any real dtype.
       inner, outer: odd window sizes, inner < outer <= min(H, W).
-      rtol: pseudo-inverse cutoff, relative to the largest singular value.
+      rtol: pseudo-inverse cutoff ("pinv"), relative to the largest
+        singular value.
       chunk: pixels processed at once. A 512 x 512 x 200 image needs about
         0.9 GB (XLA's estimate; mostly the float64 padded image).
+      border: "wrap", "reflect" or "inside" (see the section comment).
+      form: "pinv" or "matlab".
+      delta: the diagonal loading of "matlab", > 0.
 
-    Time: the per-pixel K x K eigendecomposition of the pseudo-inverse
-    dominates.
+    Time: "pinv": the per-pixel K x K eigendecomposition dominates;
+    "matlab": one K x K Cholesky per pixel, several times faster.
 
     Returns:
       float64 scores, (H, W) or (N, H, W).
@@ -566,10 +712,16 @@ def lrx(cube, inner: int = 3, outer: int = 11, rtol: float = LRX_RTOL,
     batch, single = as_batch(cube)
     inner, outer = _check_windows(inner, outer, np.shape(batch)[1:3], "lrx")
     chunk = _check_chunk(chunk, "lrx")
+    border = _check_border(border, "lrx")
+    if form not in LRX_FORMS:
+        raise InputError(f"lrx: form must be one of {LRX_FORMS}, got {form!r}")
     if not (np.isfinite(rtol) and 0 < rtol < 1):
         raise InputError(f"lrx: rtol must be in (0, 1), got {rtol!r}")
+    if not (np.isfinite(delta) and delta > 0):
+        raise InputError(f"lrx: delta must be finite and > 0, got {delta!r}")
     with jax.enable_x64(True), _one_blas_thread():
-        out = _lrx_batch(_on_device(batch), float(rtol), inner, outer, chunk)
+        out = _lrx_batch(_on_device(batch), float(rtol), float(delta), inner,
+                         outer, chunk, border, form)
         out = jax.block_until_ready(out)  # the LAPACK calls run in the limit
     return out[0] if single else out
 
@@ -598,29 +750,28 @@ def _back_substitute(chol, z):
 _CRD_GROUP_BYTES = 2 << 20  # systems solved at once: ~2 MB of them (16 at K = 112)
 
 
-def _crd_residual(a_mat, reg, v, yy):
+def _crd_residual(a_mat, reg, v, yy, sum_to_one):
     """CRD residuals |y - X a| of a group of pixels from Gram quantities.
 
     a_mat = X'X + diag(reg) (P, K, K) is the regularised system, v = X'y
-    (P, K), yy = y'y (P,).
+    (P, K), yy = y'y (P,); with `sum_to_one` X and y are the augmented ones
+    (a final 1 on every spectrum) and the residual is that of the plain
+    spectra.
 
     One Cholesky factorisation of the bordered system [[A, v], [v', 2 y'y]]
     gives A = L L' and, in its last row, z = L^-1 v (the forward sweep,
     done by LAPACK for one more row); then a = L'^-1 z. As A a = v,
     |y - X a|^2 = y'y - 2 a'v + a'(A - diag(reg)) a = y'y - |z|^2 - a' diag(reg) a,
     with a'v = |z|^2 from the factorisation itself. (2 y'y keeps the last
-    pivot positive: v'A^-1 v <= |y|^2 for any positive reg.)
+    pivot positive: v'A^-1 v <= |y|^2 for any positive reg.) The augmented
+    residual is the plain one plus (1 - sum(a))^2, its last component.
     """
     k = a_mat.shape[-1]
-    border = jnp.concatenate([v, 2 * yy[:, None]], axis=1)
-    bordered = jnp.concatenate(
-        [jnp.concatenate([a_mat, v[:, :, None]], axis=2), border[:, None, :]], axis=1)
-    chol = jax.lax.linalg.cholesky(bordered, symmetrize_input=False)
-    z = chol[:, k, :k]
+    chol, z = _bordered_row(a_mat, v, 2 * yy)
     a = _back_substitute(chol[:, :k, :k], z)
 
     def factored(a_mat, v):
-        return yy - jnp.sum(z * z, -1) - jnp.sum(reg * a * a, -1)
+        return yy - jnp.sum(z * z, -1) - jnp.sum(reg * a * a, -1), a
 
     def fallback(a_mat, v):
         # Should the ridge not suffice (Cholesky fails: NaN; also y = 0),
@@ -629,20 +780,24 @@ def _crd_residual(a_mat, reg, v, yy):
         eps = jnp.finfo(a_mat.dtype).eps
         a = jnp.einsum("pkl,pl->pk", pinv(a_mat, k * eps), v, precision=_HIGHEST)
         quad = jnp.sum(jnp.sum(a_mat * a[:, None, :], -1) * a - reg * a * a, -1)
-        return yy - 2 * jnp.sum(a * v, -1) + quad
+        return yy - 2 * jnp.sum(a * v, -1) + quad, a
 
-    squared = jax.lax.cond(jnp.all(jnp.isfinite(a)), factored, fallback, a_mat, v)
+    squared, a = jax.lax.cond(jnp.all(jnp.isfinite(a)), factored, fallback, a_mat, v)
+    if sum_to_one:
+        squared = squared - (1 - jnp.sum(a, -1)) ** 2
     return jnp.sqrt(jnp.maximum(squared, 0))
 
 
-def _crd_tiles(win, lam, inner, outer, tile):
+def _crd_tiles(win, starts, lam, inner, outer, tile, hw, border, sum_to_one):
     """CRD scores (T, P, P) of T tiles of P x P pixels from their windows.
 
     win (T, S, S, B), S = P + outer - 1, holds all pixels any window of the
-    tile touches. One Gram of those S^2 pixels per tile (a large, efficient
+    tile touches; starts (T, 2) the image row and column of each tile's
+    first pixel. One Gram of those S^2 pixels per tile (a large, efficient
     product) holds every pixel's X'X, X'y and y'y, taken out with static
     indices. For (3, 11) and 8 x 8 tiles this is 8x fewer flops than a Gram
-    per pixel, leaving the K x K Cholesky as the main cost.
+    per pixel, leaving the K x K Cholesky as the main cost. The sum-to-one
+    form's augmented Gram is that Gram + 1.
     """
     t, s, _, b = win.shape
     r = outer // 2
@@ -661,13 +816,26 @@ def _crd_tiles(win, lam, inner, outer, tile):
     yy = jnp.take(union, centre * (s * s + 1), axis=1)
     x_sq = jnp.take(union, (bg * (s * s + 1)).ravel(), axis=1).reshape(t, n_px, k)
     v = v.reshape(t, n_px, k)
-    # lam |y - x_i|^2 on the diagonal, and a guard: exactly repeated pixels
-    # (mirrored at borders, flat regions) with y equal to one of them make
+    rows = starts[:, :1] + np.arange(n_px) // tile
+    cols = starts[:, 1:] + np.arange(n_px) % tile
+    valid = _valid(rows, cols, hw[0], hw[1], inner, outer, border)  # (t, n_px, k)
+    # lam |y - x_i|^2 on the diagonal (plain spectra), and a guard: exactly
+    # repeated pixels (flat regions) with y equal to one of them make
     # X'X + lam G'G singular. A ridge of eps * trace(X'X) lifts it above the
     # float64 rounding of the Gram (~K eps |X'X|) and is ~1e-5 of the
     # lam G'G term on real data, so it does not move the scores.
+    dist = jnp.maximum(yy[..., None] - 2 * v + x_sq, 0)
+    if valid is not None:
+        x_sq = jnp.where(valid, x_sq, 0)
     ridge = jnp.finfo(union.dtype).eps * jnp.sum(x_sq, -1, keepdims=True)
-    reg = lam * jnp.maximum(yy[..., None] - 2 * v + x_sq, 0) + ridge
+    reg = lam * dist + ridge
+    if sum_to_one:
+        union, v, yy = union + 1, v + 1, yy + 1
+    if valid is not None:
+        # A left-out position: its row and column of the system become
+        # those of the identity and its X'y 0, so its weight is exactly 0.
+        v = jnp.where(valid, v, 0)
+        reg = jnp.where(valid, reg, 1)
     # The K x K systems, a cache-sized group of pixels at a time: each
     # group's X'X is gathered, factored, solved and used while in cache,
     # and no (pixels, K, K) array is ever written (on a 2-core VM that and
@@ -684,20 +852,24 @@ def _crd_tiles(win, lam, inner, outer, tile):
         at = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=part * group,
                                slice_size=group)
         reg_g, v_g = at(reg[tile_i]), at(v[tile_i])
+        if valid is not None:
+            ok = at(valid[tile_i])
+            gram = jnp.where(ok[:, :, None] & ok[:, None, :], gram, 0)
         a_mat = gram + reg_g[:, :, None] * jnp.eye(k, dtype=union.dtype)
-        return _crd_residual(a_mat, reg_g, v_g, at(yy[tile_i]))
+        return _crd_residual(a_mat, reg_g, v_g, at(yy[tile_i]), sum_to_one)
 
     out = jax.lax.map(solve, jnp.arange(t * per_tile))
     return out.reshape(t, tile, tile)
 
 
-@functools.partial(jax.jit, static_argnames=("inner", "outer", "chunk"))
-def _crd_batch(cubes, lam, inner, outer, chunk):
+@functools.partial(jax.jit, static_argnames=("inner", "outer", "chunk", "border",
+                                             "form"))
+def _crd_batch(cubes, lam, inner, outer, chunk, border, form):
     n, h, w, b = cubes.shape
     r = outer // 2
     tile = min(_CRD_TILE, outer - 1)  # (tile + 2r)^4 / tile^2 is least at 2r
     ny, nx = -(-h // tile), -(-w // tile)
-    x = _prepare_local(cubes, r)
+    x = _prepare_local(cubes, r, border)
     # Tiles overhanging the bottom/right edge see edge copies; their extra
     # pixels are computed and cropped.
     x = jnp.pad(x, ((0, 0), (0, ny * tile - h), (0, nx * tile - w), (0, 0)),
@@ -709,7 +881,8 @@ def _crd_batch(cubes, lam, inner, outer, chunk):
 
     def step(starts):
         win = jax.vmap(lambda c: jax.lax.dynamic_slice(x, c, (1, s, s, b))[0])(starts)
-        return _crd_tiles(win, lam, inner, outer, tile)
+        return _crd_tiles(win, starts[:, 1:3], lam, inner, outer, tile, (h, w),
+                          border, form == "sum-to-one")
 
     out = _chunked(step, jnp.asarray(corners.reshape(-1, 4), jnp.int32),
                    max(1, chunk // tile ** 2))
@@ -718,19 +891,24 @@ def _crd_batch(cubes, lam, inner, outer, chunk):
 
 
 def crd(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
-        chunk: int = _CRD_CHUNK):
+        chunk: int = _CRD_CHUNK, border: str = DEFAULT_BORDER,
+        form: str = "sum-to-one"):
     """Collaborative Representation Detector (Li and Du, IEEE TGRS 2015).
 
-    Each pixel y is represented by its K = outer^2 - inner^2 background
-    pixels X (B x K, the dual window as in `lrx`) with weights
-    a = (X'X + lam G'G)^-1 X'y, G = diag(|y - x_i|), so pixels far from y
-    are penalised; the score is the residual |y - X a|. Images are min-max
-    scaled to [0, 1] first and reflect-padded, as in `lrx` (a and the score
-    do not depend on the scale, lam G'G scales with X'X; the shift matters).
+    Each pixel y is represented by its background pixels X (B x K, the dual
+    window as in `lrx`) with weights a = (X'X + lam G'G)^-1 X'y,
+    G = diag(|y - x_i|), so pixels far from y are penalised; the score is
+    the residual |y - X a|. Form "sum-to-one" (the paper's main algorithm
+    and the public MATLAB code's CRDfunc.m): X and y augmented by a final 1
+    in the solve (the weights nearly sum to one), G and the residual from
+    the plain spectra; form "plain": no augmentation. Images are min-max
+    scaled to [0, 1] first, as in `lrx` (the plain form's a and score do not
+    depend on the scale, lam G'G scales with X'X; the shift matters; the
+    sum-to-one form depends on both).
 
     Precision: float64. X'X of neighbouring spectra is ill-conditioned
-    (about 1e8, 1e10 with the mirrored duplicates at borders, where only
-    lam G'G keeps it invertible), beyond float32. The K x K system is
+    (about 1e8, more where spectra repeat, where only lam G'G keeps it
+    invertible), beyond float32. The K x K system is
     solved by Cholesky after a ridge of eps * trace(X'X) (see
     `_crd_tiles`); a chunk whose factorisation still fails is solved with
     the pseudo-inverse instead. The residual comes from Gram quantities
@@ -738,7 +916,10 @@ def crd(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
     exact to a few sqrt(eps * y'y) (3e-8 for unit spectra; up to 1.1e-7
     seen on 200-band scenes): scores below that, such as pixels that recur
     in their own background, read as 0 or noise at that level. Elsewhere
-    it agrees with the per-pixel solve to ~1e-9.
+    it agrees with the per-pixel solve to ~1e-9. Where y recurs twice or
+    more in its background the system is singular even with lam G'G (any
+    weights shared among the copies fit exactly): the exact score, 0, is
+    returned; a plain solver returns rounding noise of any size there.
 
     Time: per pixel one K x K Cholesky (LAPACK, in cache-sized groups) and
     its two triangular sweeps are most of it.
@@ -751,6 +932,8 @@ def crd(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
         A 512 x 512 x 200 image needs about 0.9 GB (XLA's estimate; mostly
         the float64 padded image) with chunk 512 or 4096 alike: the K x K
         systems themselves are built and solved ~2 MB at a time.
+      border: "wrap", "reflect" or "inside" (see the section comment).
+      form: "sum-to-one" or "plain".
 
     Returns:
       float64 residual norms, (H, W) or (N, H, W).
@@ -758,9 +941,13 @@ def crd(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
     batch, single = as_batch(cube)
     inner, outer = _check_windows(inner, outer, np.shape(batch)[1:3], "crd")
     chunk = _check_chunk(chunk, "crd")
+    border = _check_border(border, "crd")
+    if form not in CRD_FORMS:
+        raise InputError(f"crd: form must be one of {CRD_FORMS}, got {form!r}")
     if not (np.isfinite(lam) and lam >= 0):
         raise InputError(f"crd: lam must be finite and >= 0, got {lam!r}")
     with jax.enable_x64(True), _one_blas_thread():
-        out = _crd_batch(_on_device(batch), float(lam), inner, outer, chunk)
+        out = _crd_batch(_on_device(batch), float(lam), inner, outer, chunk,
+                         border, form)
         out = jax.block_until_ready(out)  # the LAPACK calls run in the limit
     return out[0] if single else out
