@@ -89,3 +89,89 @@ def test_user_errors_are_one_line_with_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "no such file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- Several methods: one comparison -----------------------------------------
+
+SINGLE_KEYS = {"method", "bands", "start_band", "device", "mean_auc",
+               "scored_scenes", "config", "scenes"}
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    """Two small crops (different sizes) of real scenes, with anomalies."""
+    from fers_jax import data
+    folder = tmp_path_factory.mktemp("crops")
+    for name, size in (("pavia-car", 24), ("abu-beach-2", 28)):
+        s = data.load_scene(SCENES / f"{name}.mat")
+        ys, xs = np.nonzero(s.gt)
+        y0, x0 = max(int(ys[0]) - 8, 0), max(int(xs[0]) - 8, 0)
+        gt = s.gt[y0:y0 + size, x0:x0 + size]
+        assert 0 < gt.sum() < gt.size
+        np.savez(folder / f"{name}.npz",
+                 data=s.cube[y0:y0 + size, x0:x0 + size, :102], map=gt)
+    return folder
+
+
+def test_several_methods_make_one_comparison(tmp_path, crops, capsys, monkeypatch):
+    from fers_jax import data
+    loads = []
+    load_scene = data.load_scene
+    monkeypatch.setattr(data, "load_scene",
+                        lambda *a, **k: loads.append(a[0]) or load_scene(*a, **k))
+    out = tmp_path / "cmp"
+    teacher = GOLDEN.parent / "checkpoints" / "saved_models" / "100bands"
+    assert cli.run(evaluate.main, [
+        "--scenes", str(crops), "--method", "rx", "crd", "ferd", "--outer", "7",
+        "--teacher", str(teacher), "--out", str(out), "--quiet"]) == 0
+    assert len(loads) == 2  # each scene loaded once for the three methods
+    printed = capsys.readouterr().out
+    monkeypatch.undo()
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["rx", "crd", "ferd"]
+    blocks = results["results"]
+    # one block per method in the single-method format; rx on all 102
+    # bands, ferd on the teacher's 100
+    assert all(set(b) == SINGLE_KEYS for b in blocks.values())
+    assert blocks["rx"]["bands"] is None and blocks["ferd"]["bands"] == 100
+    assert blocks["crd"]["config"]["outer"] == 7
+    for method in ("rx", "crd"):
+        alone = tmp_path / method
+        assert cli.run(evaluate.main, ["--scenes", str(crops), "--method", method,
+                                       "--outer", "7", "--out", str(alone),
+                                       "--quiet", "--no-plots"]) == 0
+        single = json.loads((alone / "results.json").read_text())
+        assert set(single) == SINGLE_KEYS  # the single-method file as it was
+        assert [r["auc"] for r in single["scenes"]] == \
+            [r["auc"] for r in blocks[method]["scenes"]]
+        for r in single["scenes"]:
+            np.testing.assert_array_equal(
+                np.load(alone / "maps" / f"{r['name']}.npy"),
+                np.load(out / "maps" / method / f"{r['name']}.npy"))
+    # the table: per scene an AUC per method, its best marked; a mean row
+    md = (out / "report.md").read_text()
+    for row in results["scenes"]:
+        aucs = row["auc"]
+        assert aucs == {m: blocks[m]["scenes"][results["scenes"].index(row)]["auc"]
+                        for m in results["methods"]}
+        best = max(aucs, key=aucs.get)
+        assert best in row["best"]
+        cells = [f"**{aucs[m]:.4f}**" if m in row["best"] else f"{aucs[m]:.4f}"
+                 for m in results["methods"]]
+        assert f"| {row['name']} | " + " | ".join(cells) + " |" in md
+        assert f"{aucs[best]:.4f}*" in printed
+        assert (out / "maps" / f"{row['name']}.png").stat().st_size > 0
+        assert (out / "roc" / f"{row['name']}.png").stat().st_size > 0
+    means = results["mean_auc"]
+    assert means == {m: pytest.approx(np.mean([r["auc"] for r in b["scenes"]]))
+                     for m, b in blocks.items()}
+    assert "| mean | " in md and "<strong>" in (out / "report.html").read_text()
+    assert results["best_mean"] == [max(means, key=means.get)]
+
+
+def test_a_method_given_twice_is_refused(tmp_path, crops, capsys):
+    code = cli.run(evaluate.main, ["--scenes", str(crops), "--method", "rx", "lrx",
+                                   "rx", "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --method lists rx more than once")
+    assert not (tmp_path / "o" / "results.json").exists()

@@ -140,11 +140,15 @@ def frozen_features(task, state: TrainState, cfg: TrainConfig, part) -> dict:
 
 # --- Task and initial state ------------------------------------------------------
 
-def build_task(cfg: TrainConfig, key, shape):
-    """(task, initial variables) for cfg.stage at cfg.model sizes."""
+def check_imagenet(cfg: TrainConfig):
     if cfg.imagenet is not None and cfg.model != "full":
         raise InputError("--imagenet weights fit only --config full (the tiny "
                          "sizes have no ImageNet counterpart)")
+
+
+def build_task(cfg: TrainConfig, key, shape):
+    """(task, initial variables) for cfg.stage at cfg.model sizes."""
+    check_imagenet(cfg)
     if cfg.stage == "stage1":
         task = stage1.task(cfg.bands, cfg.model, bce_on_logits=cfg.bce_on_logits)
         variables = task.init_variables(key, shape, cfg.imagenet)
@@ -334,6 +338,7 @@ class _Run:
         self.primary = jax.process_index() == 0
         self.seed = cfg.run_seed
         init_key, self.data_seed = derive_keys(self.seed)
+        check_imagenet(cfg)  # settings first, then the data
         self.source = training_source(cfg)
         check_one_batch(cfg, self.source, mesh.size)
         self.val, self.test = eval_scenes(cfg)
