@@ -16,8 +16,9 @@ chosen detector, scores every map and writes, under `out`:
 once) and writes one comparison under `out`: results.json with one block
 per method (each in the single-method format above) and the per-scene AUC
 table; maps/<method>/<name>.npy; maps/<name>.png, the maps side by side
-with one colour bar; roc/<name>.png, one curve per method; report.md and
-report.html with the table, the best of each row marked, and a mean row.
+with one colour bar; roc/<name>.png, one curve per method;
+features/<method>/<name>.npz with `export`; report.md and report.html with
+the table, the best of each row marked, and a mean row.
 Every method has its own `EvalConfig`: its options stay in one place.
 
 Maps, features and plots are written to a hidden staging folder in `out`
