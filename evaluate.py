@@ -43,10 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lambda", dest="lam", type=float, default=1e-6,
                    help="CRD regularisation weight")
     p.add_argument("--teacher", metavar="CKPT", help="FERD/FERS spectral teacher: a "
-                   "folder with convh.pt/enc.pt/pc.pt or a fers_jax Orbax checkpoint "
-                   "(required by ferd and fers)")
+                   "folder with convh.pt/enc.pt/pc.pt, a fers_jax Orbax checkpoint or "
+                   "a train.py run folder (its best/, else final/ model) (required "
+                   "by ferd and fers)")
     p.add_argument("--student", metavar="CKPT", help="FERS spatial student: a "
-                   "spa_fen.pt or a fers_jax Orbax checkpoint (required by fers)")
+                   "spa_fen.pt, a fers_jax Orbax checkpoint or a train.py stage-2 run "
+                   "folder (required by fers)")
     p.add_argument("--fusion", choices=("auto", "sum", "product"), default="auto",
                    help="FERS map: auto is sum above 50 bands, product at 50 and below")
     p.add_argument("--batch-size", type=int, default=16,

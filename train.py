@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher", metavar="CKPT",
                    help="stage 2 (required): the frozen spectral teacher: a published "
                         "folder (convh.pt/enc.pt/pc.pt), a PyTorch stage-1 file, or a "
-                        "fers_jax teacher/stage1 checkpoint (e.g. DIR/best/teacher)")
+                        "fers_jax teacher/stage1 checkpoint (e.g. DIR/best/teacher), or a "
+                        "train.py run folder DIR (its best/, else final/ teacher)")
     p.add_argument("--config", dest="model", choices=config.MODEL_SIZES,
                    default="full", help="model sizes: the published ones, or tiny "
                                         "for quick CPU runs and tests")
