@@ -17,7 +17,7 @@ side by side) and DIR/roc/<scene>.png (a curve per method). --teacher and
 import argparse
 import sys
 
-from fers_jax import cli, evaluation
+from fers_jax import cli, detectors, evaluation
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +42,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--outer", type=int, default=11, help="LRX/CRD outer window")
     p.add_argument("--lambda", dest="lam", type=float, default=1e-6,
                    help="CRD regularisation weight")
+    p.add_argument("--convention", choices=tuple(detectors.CONVENTIONS),
+                   default="fers_jax",
+                   help="LRX/CRD as computed: fers_jax (border "
+                        f"{detectors.DEFAULT_BORDER}, LRX pinv, CRD sum-to-one, the "
+                        "reference's input normalisation) or matlab (the public "
+                        "MATLAB code: wrap borders, sum-to-one CRD, LRX with "
+                        "(G + delta I)^-1, the float64 cube min-max scaled to [0, 1])")
+    p.add_argument("--border", choices=detectors.BORDERS,
+                   help="LRX/CRD windows at the image border: wrap (periodic, as "
+                        "the MATLAB code), reflect (mirrored, copies of the guard "
+                        "window left out), inside (only pixels in the image); "
+                        "default: the convention's")
+    p.add_argument("--lrx-form", choices=detectors.LRX_FORMS,
+                   help="pinv: centred covariance, pseudo-inverse; matlab: "
+                        "uncentred Gram + delta I (default: the convention's)")
+    p.add_argument("--crd-form", choices=detectors.CRD_FORMS,
+                   help="sum-to-one: Li and Du's main algorithm (X and y augmented "
+                        "by a 1); plain (default: the convention's)")
+    p.add_argument("--delta", type=float, default=detectors.LRX_DELTA,
+                   help="LRX matlab form: diagonal loading")
     p.add_argument("--teacher", metavar="CKPT", help="FERD/FERS spectral teacher: a "
                    "folder with convh.pt/enc.pt/pc.pt, a fers_jax Orbax checkpoint or "
                    "a train.py run folder (its best/, else final/ model) (required "

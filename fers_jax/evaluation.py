@@ -64,6 +64,13 @@ class EvalConfig:
     inner: int = 3
     outer: int = 11
     lam: float = 1e-6
+    # LRX/CRD convention (fers_jax.detectors.Convention); border, lrx_form
+    # and crd_form None: the convention's own.
+    convention: str = "fers_jax"
+    border: Optional[str] = None
+    lrx_form: Optional[str] = None
+    crd_form: Optional[str] = None
+    delta: float = 1e-5
     teacher: Optional[str] = None
     student: Optional[str] = None
     fusion: str = "auto"
@@ -92,16 +99,27 @@ def build_detector(cfg: EvalConfig) -> Tuple[Detector, EvalConfig]:
     if cfg.method == "rx":
         return _rx_detector(cfg, mesh), cfg
     if cfg.method == "lrx":
-        return (lambda x: (np.asarray(
-            detectors.lrx(x, cfg.inner, cfg.outer)), {})), cfg
+        conv = local_convention(cfg)
+        return (lambda x: (np.asarray(detectors.lrx(
+            x, cfg.inner, cfg.outer, border=conv.border, form=conv.lrx_form,
+            delta=cfg.delta)), {})), cfg
     if cfg.method == "crd":
-        return (lambda x: (np.asarray(
-            detectors.crd(x, cfg.inner, cfg.outer, cfg.lam)), {})), cfg
+        conv = local_convention(cfg)
+        return (lambda x: (np.asarray(detectors.crd(
+            x, cfg.inner, cfg.outer, cfg.lam, border=conv.border,
+            form=conv.crd_form)), {})), cfg
     if cfg.method in LEARNED:
         from fers_jax import inference  # pulls in Flax only when needed
         detector, bands = inference.build_detector(cfg, mesh)
         return detector, dataclasses.replace(cfg, bands=bands)
     raise InputError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
+
+
+def local_convention(cfg: EvalConfig) -> detectors.Convention:
+    """The LRX/CRD convention of `cfg`: --convention with any of --border,
+    --lrx-form, --crd-form replacing its own."""
+    return detectors.convention(cfg.convention, border=cfg.border,
+                                lrx_form=cfg.lrx_form, crd_form=cfg.crd_form)
 
 
 def _rx_detector(cfg: EvalConfig, mesh) -> Detector:
@@ -137,6 +155,12 @@ def _batches(files: Sequence[pathlib.Path], cfgs: Sequence[EvalConfig]
                 scene.cube, *sel, scene.path), where=scene.path)
                 for sel in selections}
             limit = 1
+        elif (cfg.method in ("lrx", "crd")
+              and local_convention(cfg).scaling == "cube"):
+            # The detector min-max scales the float64 cube itself.
+            x = np.asarray(data.select_bands(scene.cube, cfg.bands, cfg.start_band,
+                                             scene.path), np.float64)
+            limit = cfg.batch_size
         else:
             x = {sel: data.prepare(scene, *sel) for sel in selections}
             limit = first.batch_size
@@ -463,6 +487,9 @@ def config_from_args(args) -> EvalConfig:
         raise InputError(f"--method {cfg.method} needs --teacher CKPT")
     if cfg.method == "fers" and not cfg.student:
         raise InputError("--method fers needs --student CKPT")
+    local_convention(cfg)  # checks --convention, --border, --*-form
+    if not (np.isfinite(cfg.delta) and cfg.delta > 0):
+        raise InputError(f"--delta must be > 0, got {cfg.delta}")
     from fers_jax import tiling
     if not (isinstance(cfg.tile, str) and cfg.tile.strip().lower() == "auto"):
         tile = tiling.parse_tile(cfg.tile)

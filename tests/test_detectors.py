@@ -5,6 +5,7 @@ import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
@@ -18,52 +19,82 @@ SCENE_NAMES = ("abu-airport-2", "abu-beach-2", "abu-urban-3", "pavia-car",
 
 
 # Plain per-pixel NumPy references: the method as written, loops and all.
+# The background of each pixel is listed position by position with its
+# source pixel: periodic (wrap), mirrored unless the mirror lands in the
+# pixel's own guard window (reflect), or inside the image only (inside).
 
-def _padded(cube, r):
+def _unit(cube):
     x = np.asarray(cube, np.float64)
-    x = (x - x.min()) / (x.max() - x.min())
-    return np.pad(x, ((r, r), (r, r), (0, 0)), mode="reflect")
+    return (x - x.min()) / (x.max() - x.min())
 
 
-def _local_loop(cube, inner, outer, score):
-    """score(X (K, B) background rows, y (B,)) at every pixel."""
-    h, w, b = cube.shape
-    r, g = outer // 2, (outer - inner) // 2
-    xp = _padded(cube, r)
-    guard = np.zeros((outer, outer), bool)
-    guard[g:g + inner, g:g + inner] = True
-    out = np.zeros((h, w))
-    for i in range(h):
-        for j in range(w):
-            win = xp[i:i + outer, j:j + outer]
-            out[i, j] = score(win[~guard], xp[i + r, j + r])
+def background_sources(h, w, i, j, inner, outer, border):
+    """[(row, col)] of the pixels in the background of pixel (i, j)."""
+    r, gi = outer // 2, inner // 2
+
+    def mirror(s, n):
+        return -s if s < 0 else 2 * (n - 1) - s if s >= n else s
+    out = []
+    for di in range(-r, r + 1):
+        for dj in range(-r, r + 1):
+            if abs(di) <= gi and abs(dj) <= gi:
+                continue  # the guard window
+            si, sj = i + di, j + dj
+            if border == "wrap":
+                out.append((si % h, sj % w))
+            elif border == "inside":
+                if 0 <= si < h and 0 <= sj < w:
+                    out.append((si, sj))
+            else:
+                si, sj = mirror(si, h), mirror(sj, w)
+                if not (abs(si - i) <= gi and abs(sj - j) <= gi):
+                    out.append((si, sj))
     return out
 
 
-def lrx_loop(cube, inner, outer, rtol=detectors.LRX_RTOL):
+def _local_loop(cube, inner, outer, score, border="reflect"):
+    """score(X (K, B) background rows, y (B,)) at every pixel."""
+    x = _unit(cube)
+    h, w, _ = x.shape
+    out = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            src = background_sources(h, w, i, j, inner, outer, border)
+            rows, cols = zip(*src)
+            out[i, j] = score(x[list(rows), list(cols)], x[i, j])
+    return out
+
+
+def lrx_loop(cube, inner, outer, rtol=detectors.LRX_RTOL, border="reflect",
+             form="pinv", delta=1e-5):
     def score(x, y):
         d = y - x.mean(axis=0)
+        if form == "matlab":
+            return d @ np.linalg.inv(x.T @ x + delta * np.eye(len(y))) @ d
         return d @ np.linalg.pinv(np.cov(x, rowvar=False), rcond=rtol) @ d
-    return _local_loop(cube, inner, outer, score)
+    return _local_loop(cube, inner, outer, score, border)
 
 
-def crd_loop(cube, inner, outer, lam=1e-6):
+def crd_loop(cube, inner, outer, lam=1e-6, border="reflect", form="plain"):
     def score(x, y):
         x = x.T
         g = np.diag(np.linalg.norm(y[:, None] - x, axis=0))
+        xs, ys = x, y
+        if form == "sum-to-one":
+            xs, ys = np.vstack([x, np.ones((1, x.shape[1]))]), np.append(y, 1)
         try:
-            a = np.linalg.solve(x.T @ x + lam * g.T @ g, x.T @ y)
+            a = np.linalg.solve(xs.T @ xs + lam * g.T @ g, xs.T @ ys)
         except np.linalg.LinAlgError:
             return np.nan  # singular: y repeated in its background (below)
         return np.linalg.norm(y - x @ a)
-    return _local_loop(cube, inner, outer, score)
+    return _local_loop(cube, inner, outer, score, border)
 
 
-def in_own_background(cube, inner, outer):
-    """Pixels whose spectrum recurs in their background: through the
-    reflection at borders, or duplicated pixels in the scene itself."""
+def in_own_background(cube, inner, outer, border="reflect"):
+    """Pixels whose spectrum recurs in their background: duplicated pixels
+    in the scene itself (no border mode lets a pixel meet itself)."""
     return _local_loop(cube, inner, outer,
-                       lambda x, y: np.any(np.all(x == y, axis=1))) > 0
+                       lambda x, y: np.any(np.all(x == y, axis=1)), border) > 0
 
 
 @pytest.fixture(scope="module")
@@ -164,35 +195,93 @@ def test_crd_in_small_groups_equals_numpy_loop(crops, window, monkeypatch):
     k = window[1] ** 2 - window[0] ** 2
     monkeypatch.setattr(detectors, "_CRD_GROUP_BYTES", 3 * k * k * 8)
     jax.clear_caches()  # the group size is read when traced
-    got = np.asarray(detectors.crd(crops, *window))
+    got = np.asarray(detectors.crd(crops, *window, border="inside"))
     jax.clear_caches()
     for i, cube in enumerate(crops):
-        check_crd(got[i], cube, *window)
+        check_crd(got[i], cube, *window, "inside", "sum-to-one")
 
 
-def check_crd(got, cube, inner, outer):
-    want = crd_loop(cube, inner, outer)
-    own = in_own_background(cube, inner, outer)
-    assert own.any() and (~own).sum() > own.size / 3
+def check_crd(got, cube, inner, outer, border="reflect", form="plain"):
+    want = crd_loop(cube, inner, outer, border=border, form=form)
+    own = in_own_background(cube, inner, outer, border)
+    assert (~own).sum() > own.size / 3
     # Elsewhere NumPy's solve is reliable. There the exact residual is 0 (y
     # itself is in X) and the solve is singular or garbage (seen: 2.6e14);
     # ours is 0 to rounding (a few sqrt(eps * y'y) from the Gram form).
     assert rel_err(got[~own], want[~own]) < 1e-4
-    assert np.max(got[own]) < 1e-4 * np.max(got)
+    assert np.max(got[own], initial=0) < 1e-4 * np.max(got)
 
 
-@pytest.mark.parametrize("window", [(3, 5), (3, 7)])
-def test_lrx_equals_numpy_loop(crops, window):
-    got = np.asarray(detectors.lrx(crops, *window))
+@pytest.mark.parametrize("border", detectors.BORDERS)
+@pytest.mark.parametrize("form", detectors.LRX_FORMS)
+def test_lrx_equals_numpy_loop(crops, border, form):
+    # (3, 5): K = 16 < 20 bands (the K x K forms); the B x B ones below.
+    got = np.asarray(detectors.lrx(crops, 3, 5, border=border, form=form))
     for i, cube in enumerate(crops):
-        assert rel_err(got[i], lrx_loop(cube, *window)) < 1e-4
+        assert rel_err(got[i], lrx_loop(cube, 3, 5, border=border, form=form)) < 1e-4
 
 
-@pytest.mark.parametrize("window", [(3, 5), (1, 3)])
-def test_crd_equals_numpy_loop(crops, window):
-    got = np.asarray(detectors.crd(crops, *window))
+@pytest.mark.parametrize("form", detectors.LRX_FORMS)
+def test_lrx_more_background_than_bands_equals_numpy_loop(crops, form):
+    got = np.asarray(detectors.lrx(crops[0], 3, 7, border="inside", form=form))
+    assert rel_err(got, lrx_loop(crops[0], 3, 7, border="inside", form=form)) < 1e-4
+
+
+@pytest.mark.parametrize("border", detectors.BORDERS)
+@pytest.mark.parametrize("form", detectors.CRD_FORMS)
+def test_crd_equals_numpy_loop(crops, border, form):
+    got = np.asarray(detectors.crd(crops, 3, 5, border=border, form=form))
     for i, cube in enumerate(crops):
-        check_crd(got[i], cube, *window)
+        check_crd(got[i], cube, 3, 5, border, form)
+
+
+def test_crd_small_window_equals_numpy_loop(crops):
+    got = np.asarray(detectors.crd(crops[1], 1, 3, border="reflect", form="plain"))
+    check_crd(got, crops[1], 1, 3, "reflect", "plain")
+
+
+def planted(h=14, w=14, b=48, seed=5):
+    """Cubes of a smooth 3-endmember background with noise, each with one
+    anomalous pixel at a corner or an edge (or 1-2 pixels from one, where
+    plain mirrored padding put the pixel's own copy in its background)."""
+    rng = np.random.default_rng(seed)
+    ends = rng.random((3, b))
+    spots = [(0, 0), (1, 1), (h - 1, w - 1), (0, 6), (2, w - 1), (h - 2, 5), (7, 1)]
+    cubes = []
+    for i, j in spots:
+        ab = rng.dirichlet(np.ones(3), size=(h, w))
+        cube = ab @ ends + 0.01 * rng.normal(size=(h, w, b))
+        cube[i, j] = 0.6 * rng.random(b) + 0.2 * ends[0]
+        cubes.append(cube)
+    return np.stack(cubes), spots
+
+
+@pytest.mark.parametrize("border", detectors.BORDERS)
+def test_planted_anomaly_at_borders_ranks_first(border):
+    # Fails with mirrored padding that keeps copies of the guard window
+    # (the detectors before the border option): the anomalies at (1, 1),
+    # (2, w - 1), (h - 2, 5), (7, 1) had their own mirror images in their
+    # background and scored at the bottom.
+    cubes, spots = planted()
+    for detector, form in ((detectors.lrx, "pinv"), (detectors.crd, "sum-to-one")):
+        maps = np.asarray(detector(cubes, 3, 7, border=border, form=form))
+        for m, (i, j) in zip(maps, spots):
+            others = np.delete(m.ravel(), i * m.shape[1] + j)
+            assert m[i, j] > others.max(), (detector.__name__, border, (i, j))
+
+
+def test_no_pixel_meets_itself_or_its_guard():
+    # Distinct random spectra, more bands than background pixels: a pixel
+    # is exactly represented (CRD residual ~0) only if its own spectrum is
+    # in its background. Plain mirrored padding did that to every pixel 1
+    # or 2 rows or columns from an edge (for (3, 7)).
+    cube = np.random.default_rng(2).random((12, 13, 60))
+    for border in detectors.BORDERS:
+        got = np.asarray(detectors.crd(cube, 3, 7, border=border, form="plain"))
+        assert got.min() > 0.2 * np.median(got), border
+        for i, j in [(0, 0), (1, 1), (1, 6), (11, 12), (10, 2)]:
+            src = background_sources(12, 13, i, j, 3, 7, border)
+            assert all(max(abs(si - i), abs(sj - j)) > 1 for si, sj in src)
 
 
 @pytest.mark.parametrize("detector", [detectors.lrx, detectors.crd])
@@ -200,6 +289,7 @@ def test_batched_chunked_and_eager_agree(crops, detector):
     # Different batch and chunk shapes round differently; atol covers CRD's
     # zero residuals, known only to sqrt(eps * y'y) ~ 3e-8.
     close = functools.partial(np.testing.assert_allclose, rtol=1e-8, atol=1e-7)
+    detector = functools.partial(detector, border="inside")  # with masks
     batched = np.asarray(detector(crops, 3, 5))
     for i, cube in enumerate(crops):
         one = np.asarray(detector(cube, 3, 5))
@@ -212,7 +302,7 @@ def test_batched_chunked_and_eager_agree(crops, detector):
 
 def test_crd_without_regularisation_is_least_squares(crops):
     cube = crops[0]
-    got = np.asarray(detectors.crd(cube, 1, 3, lam=0.0))
+    got = np.asarray(detectors.crd(cube, 1, 3, lam=0.0, border="reflect", form="plain"))
     own = in_own_background(cube, 1, 3)
 
     def lstsq(x, y):
@@ -259,3 +349,11 @@ def test_invalid_shapes_and_parameters_raise():
         detectors.crd(np.zeros((12, 14, 4)), lam=-1.0)
     with pytest.raises(InputError):
         detectors.lrx(np.zeros((12, 14, 4)), rtol=0.0)
+    for kwargs in (dict(border="mirror"), dict(form="plain"), dict(delta=0.0)):
+        with pytest.raises(InputError):
+            detectors.lrx(np.zeros((12, 14, 4)), **kwargs)
+    for kwargs in (dict(border="zeros"), dict(form="pinv")):
+        with pytest.raises(InputError):
+            detectors.crd(np.zeros((12, 14, 4)), **kwargs)
+    with pytest.raises(InputError):
+        detectors.convention("octave")
