@@ -57,8 +57,9 @@ def detector(method: str = "rx", **options) -> Callable:
       method: one of METHODS ('rx', 'lrx', 'crd', 'ferd', 'fers').
       **options: evaluate.py's options by their EvalConfig names (OPTIONS):
         teacher / student (checkpoint files, folders or train.py run
-        folders), bands, start_band, precision, inner, outer, lam, fusion,
-        tile, dtype, shard.
+        folders), bands, start_band, precision, inner, outer, lam,
+        convention, border, lrx_form, crd_form, delta, fusion, tile, dtype,
+        shard.
 
     Returns:
       f(cube) -> map: a Scene or an array (H, W, B), or a batch
@@ -89,9 +90,8 @@ def detector(method: str = "rx", **options) -> Callable:
         if batch.ndim != 4:
             raise InputError(f"{where}: expected a cube (H, W, B) or a batch "
                              f"(N, H, W, B); got shape {x.shape}")
-        inputs = np.stack([data.normalise(data.select_bands(
-            data.check_cube(c, where), cfg.bands, cfg.start_band, where), where)
-            for c in batch])
+        inputs = np.stack([evaluation.prepare_input(data.check_cube(c, where),
+                                                    cfg, where) for c in batch])
         maps = np.asarray(run(inputs)[0])  # as scored by evaluate.py
         return maps[0] if single else maps
     return detect_one

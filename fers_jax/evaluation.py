@@ -141,28 +141,23 @@ def _rx_detector(cfg: EvalConfig, mesh) -> Detector:
 def _batches(files: Sequence[pathlib.Path], cfgs: Sequence[EvalConfig]
              ) -> Iterator[Tuple[List[data.Scene], Dict[tuple, np.ndarray]]]:
     """Yields runs of consecutive same-shape scenes, at most batch_size each,
-    with their inputs per band selection (bands, start_band) of `cfgs`:
-    each scene is loaded once, whatever the number of methods."""
+    with their inputs per selection (bands, start_band, scaling) of `cfgs`
+    (`_selection`): each scene is loaded once, whatever the number of
+    methods."""
     from fers_jax import tiling
     first = cfgs[0]
-    selections = list(dict.fromkeys((c.bands, c.start_band) for c in cfgs))
+    selections = list(dict.fromkeys(_selection(c) for c in cfgs))
     run, inputs, shapes = [], [], None
     for f in files:
         scene = data.load_scene(f, first.cube_key, first.gt_key)
         if scene.shape[0] * scene.shape[1] > tiling.AUTO_MAX_PIXELS:
             # A flight line: normalised without a float64 copy, scored alone.
             x = {sel: tiling.normalise_tiled(data.select_bands(
-                scene.cube, *sel, scene.path), where=scene.path)
+                scene.cube, *sel[:2], scene.path), where=scene.path)
                 for sel in selections}
             limit = 1
-        elif (cfg.method in ("lrx", "crd")
-              and local_convention(cfg).scaling == "cube"):
-            # The detector min-max scales the float64 cube itself.
-            x = np.asarray(data.select_bands(scene.cube, cfg.bands, cfg.start_band,
-                                             scene.path), np.float64)
-            limit = cfg.batch_size
         else:
-            x = {sel: data.prepare(scene, *sel) for sel in selections}
+            x = {sel: _prepare(scene.cube, sel, scene.path) for sel in selections}
             limit = first.batch_size
         key = tuple(v.shape for v in x.values())
         if inputs and (key != shapes or len(run) >= limit):
@@ -173,6 +168,29 @@ def _batches(files: Sequence[pathlib.Path], cfgs: Sequence[EvalConfig]
         shapes = key
     if run:
         yield run, _stack(inputs)
+
+
+def _selection(cfg: EvalConfig) -> tuple:
+    """The input a method needs: (bands, start_band, scaling)."""
+    scaling = (local_convention(cfg).scaling if cfg.method in ("lrx", "crd")
+               else "reference")
+    return cfg.bands, cfg.start_band, scaling
+
+
+def _prepare(cube, sel: tuple, where) -> np.ndarray:
+    """The input of a selection: bands chosen, then the reference's
+    normalisation, or (LRX/CRD scaling "cube") the float64 cube as it is,
+    min-max scaled over the whole cube by the detector itself."""
+    x = data.select_bands(cube, *sel[:2], where)
+    if sel[2] == "cube":
+        return np.asarray(x, np.float64)
+    return data.normalise(x, where)
+
+
+def prepare_input(cube, cfg: EvalConfig, where="cube") -> np.ndarray:
+    """What `cfg`'s detector gets for one cube (H, W, B), as evaluate.py
+    prepares it."""
+    return _prepare(cube, _selection(cfg), where)
 
 
 def _stack(inputs: List[Dict[tuple, np.ndarray]]) -> Dict[tuple, np.ndarray]:
@@ -393,7 +411,7 @@ def _score(files, methods: List[_Method], stage: pathlib.Path, progress: bool,
         for scenes, inputs in _batches(files, [m.cfg for m in methods]):
             outputs = {}
             for m in methods:
-                batch = inputs[(m.cfg.bands, m.cfg.start_band)]
+                batch = inputs[_selection(m.cfg)]
                 try:
                     outputs[m.label] = _timed(m.detector, batch, m.seen_shapes)
                 except InputError as e:  # e.g. a window larger than this scene
