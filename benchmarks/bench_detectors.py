@@ -7,8 +7,13 @@ Cases (shared scenes, each image normalised alone with data.normalise):
   rx/batch     RX on a batch of 100 images 64x64x100: random windows of the
                scenes (first 100 bands), one fers_jax call for the batch.
   crd          CRD (3, 11), lam 1e-6, on abu-airport-2, 100x100, first 200
-               bands.
-  lrx          LRX (3, 11) on the same cube.
+               bands (form plain, border wrap).
+  lrx          LRX (3, 11) on the same cube (form "pinv", border wrap).
+  crd/<form>   CRD (3, 11) in each form (sum-to-one, plain) and each border
+               (wrap, reflect, inside: fers_jax_<border>), against the
+               per-pixel loop of that form.
+  lrx/matlab   LRX (3, 11), the MATLAB form (G + delta I)^-1, borders wrap
+               and inside, against its per-pixel loop (np.linalg.inv).
 
 Implementations:
 
@@ -105,11 +110,13 @@ def rx_loop(cube):
     return out.reshape(h, w)
 
 
-def local_loop(cube, rows, score):
-    """score(X (K, B) background, y (B,)) for the pixels of the first `rows` rows."""
+def local_loop(cube, rows, score, pad="reflect"):
+    """score(X (K, B) background, y (B,)) for the pixels of the first `rows`
+    rows (windows on the cube padded by `pad`: the cost is the same in every
+    border mode)."""
     h, w, b = cube.shape
     r, g = OUTER // 2, (OUTER - INNER) // 2
-    xp = np.pad(_unit(cube), ((r, r), (r, r), (0, 0)), mode="reflect")
+    xp = np.pad(_unit(cube), ((r, r), (r, r), (0, 0)), mode=pad)
     guard = np.zeros((OUTER, OUTER), bool)
     guard[g:g + INNER, g:g + INNER] = True
     out = np.empty((rows, w))
@@ -127,6 +134,25 @@ def crd_pixel(x, y):
     except np.linalg.LinAlgError:  # y repeated in its own background
         a = np.linalg.lstsq(x.T @ x + LAM * g.T @ g, x.T @ y, rcond=None)[0]
     return np.linalg.norm(y - x @ a)
+
+
+def crd_pixel_sum_to_one(x, y):
+    """CRDfunc.m: X and y augmented by a 1 in the solve, residual plain."""
+    x = x.T
+    g = np.diag(np.linalg.norm(y[:, None] - x, axis=0))
+    xs = np.vstack([x, np.ones((1, x.shape[1]))])
+    ys = np.append(y, 1.0)
+    try:
+        a = np.linalg.solve(xs.T @ xs + LAM * g.T @ g, xs.T @ ys)
+    except np.linalg.LinAlgError:
+        a = np.linalg.lstsq(xs.T @ xs + LAM * g.T @ g, xs.T @ ys, rcond=None)[0]
+    return np.linalg.norm(y - x @ a)
+
+
+def lrx_pixel_matlab(x, y):
+    """LRXfunc.m: (y - m)' inv(X'X + delta I) (y - m)."""
+    d = y - x.mean(axis=0)
+    return d @ np.linalg.inv(x.T @ x + detectors.LRX_DELTA * np.eye(len(y))) @ d
 
 
 def lrx_pixel(x, y):
@@ -276,12 +302,13 @@ def bench_crd(repeats, loop_rows) -> Dict:
     scale = (h / loop_rows, f"timed on {loop_rows} of {h} rows, x{h / loop_rows:g}")
     # fers_jax's CRD runs its LAPACK calls on one BLAS thread itself.
     rows_, m = timed_variants({
-        "fers_jax": (lambda: detectors.crd(cube, INNER, OUTER, LAM), None),
-        "numpy_loop": (lambda: local_loop(cube, loop_rows, crd_pixel),
+        "fers_jax": (lambda: detectors.crd(cube, INNER, OUTER, LAM, border="wrap",
+                                           form="plain"), None),
+        "numpy_loop": (lambda: local_loop(cube, loop_rows, crd_pixel, "wrap"),
                        max(1, repeats // 2)),
     }, crd_flops(h * w, b, k), repeats, single_thread=("numpy_loop",),
         scale={"numpy_loop": scale})
-    own = local_loop(cube, loop_rows, in_own_background) > 0
+    own = local_loop(cube, loop_rows, in_own_background, "wrap") > 0
     got, want = np.asarray(m["fers_jax"])[:loop_rows], m["numpy_loop"]
     return {"shape": [h, w, b], "window": [INNER, OUTER], "lam": LAM, **rows_,
             "max_rel_err_vs_loop": rel_err(got[~own], want[~own]),
@@ -296,14 +323,56 @@ def bench_lrx(repeats, loop_rows) -> Dict:
     k = OUTER ** 2 - INNER ** 2
     scale = (h / loop_rows, f"timed on {loop_rows} of {h} rows, x{h / loop_rows:g}")
     rows_, m = timed_variants({
-        "fers_jax": (lambda: detectors.lrx(cube, INNER, OUTER), None),
-        "numpy_loop": (lambda: local_loop(cube, loop_rows, lrx_pixel), 1),
+        "fers_jax": (lambda: detectors.lrx(cube, INNER, OUTER, border="wrap",
+                                           form="pinv"), None),
+        "numpy_loop": (lambda: local_loop(cube, loop_rows, lrx_pixel, "wrap"), 1),
     }, lrx_flops(h * w, b, k), repeats, single_thread=("numpy_loop",),
         scale={"numpy_loop": scale})
     return {"shape": [h, w, b], "window": [INNER, OUTER],
             "rtol": detectors.LRX_RTOL, **rows_,
             "max_rel_err_vs_loop": rel_err(np.asarray(m["fers_jax"])[:loop_rows],
                                            m["numpy_loop"])}
+
+
+def bench_crd_modes(repeats, loop_rows) -> Dict:
+    """CRD in every form and border; each form against its own loop."""
+    cube = local_cube()
+    h, w, b = cube.shape
+    k = OUTER ** 2 - INNER ** 2
+    scale = (h / loop_rows, f"timed on {loop_rows} of {h} rows, x{h / loop_rows:g}")
+    out = {}
+    for form, pixel in (("sum-to-one", crd_pixel_sum_to_one), ("plain", crd_pixel)):
+        impls = {f"fers_jax_{border}": (
+            lambda border=border: detectors.crd(cube, INNER, OUTER, LAM, border=border,
+                                                form=form), None)
+            for border in detectors.BORDERS}
+        impls["numpy_loop"] = (lambda: local_loop(cube, loop_rows, pixel, "wrap"),
+                               max(1, repeats // 2))
+        rows_, m = timed_variants(impls, crd_flops(h * w, b, k), repeats,
+                                  scale={"numpy_loop": scale})
+        own = local_loop(cube, loop_rows, in_own_background, "wrap") > 0
+        got, want = np.asarray(m["fers_jax_wrap"])[:loop_rows], m["numpy_loop"]
+        out[f"crd/{form}"] = {"shape": [h, w, b], "window": [INNER, OUTER], "lam": LAM,
+                              **rows_, "max_rel_err_vs_loop_wrap": rel_err(
+                                  got[~own], want[~own])}
+    return out
+
+
+def bench_lrx_matlab(repeats, loop_rows) -> Dict:
+    cube = local_cube()
+    h, w, b = cube.shape
+    k = OUTER ** 2 - INNER ** 2
+    scale = (h / loop_rows, f"timed on {loop_rows} of {h} rows, x{h / loop_rows:g}")
+    impls = {f"fers_jax_{border}": (
+        lambda border=border: detectors.lrx(cube, INNER, OUTER, border=border,
+                                            form="matlab"), None)
+        for border in ("wrap", "inside")}
+    impls["numpy_loop"] = (lambda: local_loop(cube, loop_rows, lrx_pixel_matlab, "wrap"), 1)
+    rows_, m = timed_variants(impls, lrx_flops(h * w, b, k), repeats,
+                              scale={"numpy_loop": scale})
+    return {"shape": [h, w, b], "window": [INNER, OUTER], "delta": detectors.LRX_DELTA,
+            **rows_, "max_rel_err_vs_loop_wrap": rel_err(
+                np.asarray(m["fers_jax_wrap"])[:loop_rows], m["numpy_loop"])}
 
 
 # --- Report ----------------------------------------------------------------------
@@ -318,8 +387,11 @@ GOALS = {
     "crd": [("fers_jax", "numpy_loop", 3.0),
             ("fers_jax", "numpy_loop_1_blas_thread", 3.0)],
     "lrx": [],
+    "crd/mode": [(f"fers_jax_{b}", "numpy_loop", 3.0) for b in detectors.BORDERS],
+    "lrx/matlab": [],
 }
-IMPLS = ("fers_jax", "fers_jax_1_blas_thread", "numpy_loop",
+IMPLS = ("fers_jax", "fers_jax_1_blas_thread",
+         *(f"fers_jax_{b}" for b in detectors.BORDERS), "numpy_loop",
          "numpy_loop_1_blas_thread", "numpy_vectorised",
          "numpy_vectorised_1_blas_thread")
 
@@ -330,13 +402,18 @@ def rows(results):
     for case in ("rx/batch", "crd", "lrx"):
         if case in results:
             yield case, results[case], case
+    for form in detectors.CRD_FORMS:
+        if f"crd/{form}" in results:
+            yield f"crd/{form}", results[f"crd/{form}"], "crd/mode"
+    if "lrx/matlab" in results:
+        yield "lrx/matlab", results["lrx/matlab"], "lrx/matlab"
 
 
 def table(results) -> str:
     lines = [f"{'case':18s} {'implementation':31s} {'median s':>9s} {'cpu s':>8s} "
              f"{'GFLOP/s':>8s} {'vs fers_jax':>11s}  note"]
     for case, r, kind in rows(results):
-        base = r["fers_jax"]["median_s"]
+        base = r[next(i for i in IMPLS if i in r)]["median_s"]
         for impl in IMPLS:
             if impl not in r:
                 continue
@@ -361,7 +438,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-rows", type=int, default=10,
                         help="rows the CRD loop runs on (LRX: a fifth of them)")
-    parser.add_argument("--cases", default="rx,batch,crd,lrx")
+    parser.add_argument("--cases", default="rx,batch,crd,lrx,crd_modes,lrx_matlab")
     parser.add_argument("--out", default=str(
         bi.RESULTS / f"detectors_{socket.gethostname()}.json"))
     args = parser.parse_args(argv)
@@ -386,6 +463,11 @@ def main(argv=None):
         results["crd"] = bench_crd(max(2, args.repeats // 2), args.loop_rows)
     if "lrx" in cases:
         results["lrx"] = bench_lrx(2, max(1, args.loop_rows // 5))
+    if "crd_modes" in cases:
+        results.update(bench_crd_modes(max(2, args.repeats // 2), args.loop_rows))
+    if "lrx_matlab" in cases:
+        results["lrx/matlab"] = bench_lrx_matlab(max(2, args.repeats // 2),
+                                                 max(1, args.loop_rows // 5))
     env["loadavg_end"] = bi.loadavg()
     results["table"] = table(results)
     print(results["table"])
