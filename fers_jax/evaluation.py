@@ -183,7 +183,11 @@ def _prepare(cube, sel: tuple, where) -> np.ndarray:
     min-max scaled over the whole cube by the detector itself."""
     x = data.select_bands(cube, *sel[:2], where)
     if sel[2] == "cube":
-        return np.asarray(x, np.float64)
+        x = np.asarray(x, np.float64)
+        if x.size and x.max() == x.min():
+            raise InputError(f"{where}: the cube is constant (every value "
+                             f"{float(x.flat[0])}): nothing to normalise or detect")
+        return x
     return data.normalise(x, where)
 
 

@@ -285,6 +285,8 @@ OPTION_CASES = {
                                  "image (12 x 12"]),
     "lambda_negative": (["--method", "crd", "--outer", "5", "--lambda", "-1"],
                         ["{scene}", "lam must be finite and >= 0"]),
+    "delta_zero": (["--method", "lrx", "--outer", "5", "--delta", "0"],
+                   ["--delta must be > 0"]),
     "ferd_without_teacher": (["--method", "ferd"], ["--method ferd needs --teacher"]),
     "fers_without_student": (["--method", "fers",
                               "--teacher", str(CHECKPOINTS / "50bands")],
