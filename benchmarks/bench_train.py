@@ -230,7 +230,8 @@ def run_epoch(args) -> dict:
 def run_stage1(args) -> dict:
     from fers_jax import configs, convert
     from fers_jax.training import stage1, state
-    _, crops, _ = bi.scene_inputs(BANDS, BATCH)  # 16 64x64 crops, normalised
+    batch = args.batch or BATCH
+    _, crops, _ = bi.scene_inputs(BANDS, batch)  # 64x64 crops, normalised
     x_torch, x_jax = bi.nchw(crops), jax.device_put(crops)
     torch.manual_seed(SEED)
     model = tr.Stage1Net(BANDS)
@@ -265,7 +266,7 @@ def run_stage1(args) -> dict:
         print(f"stage1: fers_jax {times['fers_jax'][-1]:.1f} s, torch "
               f"{times['torch'][-1]:.1f} s", flush=True)
     med = {k: _median(v) for k, v in times.items()}
-    return {"batch": BATCH, "shape": [64, 64], "bands": BANDS,
+    return {"batch": batch, "shape": [64, 64], "bands": BANDS,
             "conv_gflop_per_step": counter.total / 1e9,
             "first_step_s": first, "step_times_s": times, "loadavg": load,
             "losses": losses, "summary": {
@@ -299,15 +300,14 @@ def run_seeds(args) -> dict:
                for i in range(args.k)]
     one = state.jit_train_step(task, optimizer)
     pure = functools.partial(state.train_step, task.loss_fn, tx)
-    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    stack = lambda trees: jax.tree.map(lambda *a: np.stack(a), *trees)
     many = {"same_batch": jax.jit(jax.vmap(pure, in_axes=(0, None)),
                                   donate_argnums=0),
             "per_seed_batch": jax.jit(jax.vmap(pure), donate_argnums=0)}
     inputs = {"same_batch": jax.device_put(batches[0]),
               "per_seed_batch": jax.device_put(stack(batches))}
     singles = [jax.device_put(b) for b in batches]
-    stacked = {k: stack([jax.tree.map(jnp.copy, s) for s in states])
-               for k in many}
+    stacked = {k: jax.device_put(stack(states)) for k in many}
 
     def run_singles(same):
         for i in range(args.k):
@@ -353,6 +353,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--k", type=int, default=4)
+    p.add_argument("--batch", type=int, default=None,
+                   help="stage1: images per step (default 16; the full-size "
+                        "step at 16 needs ~18 GB with both frameworks loaded)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
