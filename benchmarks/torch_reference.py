@@ -358,14 +358,18 @@ class Stage2Step:
     """The reference's stage-2 training step (SPEC 5), eager PyTorch.
 
     Teacher frozen in eval mode under no_grad; student in train mode (its
-    frozen trunk's BatchNorm uses batch statistics); FRN in train mode; Adam
+    frozen trunk's BatchNorm uses batch statistics, or with
+    trunk_bn='running' its running statistics); FRN in train mode; Adam
     (lr 0.005, betas (0.5, 0.999)) on Conv2RGB, LightSPP and the FRN.
     """
 
-    def __init__(self, teacher, student, frn, lr=0.005, betas=(0.5, 0.999)):
+    def __init__(self, teacher, student, frn, lr=0.005, betas=(0.5, 0.999),
+                 trunk_bn="batch"):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student.train()
         self.student.get_features.requires_grad_(False)
+        if trunk_bn == "running":  # fers_jax's --trunk-bn running
+            self.student.get_features.eval()
         self.frn = frn.train()
         self.params = [*student.trainable_parameters(), *frn.parameters()]
         self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=betas)
@@ -376,6 +380,173 @@ class Stage2Step:
         spa_f, _ = self.student(x)
         rec = self.frn(spa_f + spe_f)
         total, terms = stage2_loss(spe_f, spa_f, rec, x)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+
+# --- Stage 1, FERD reverse distillation (SPEC 4) ------------------------------
+
+class DeBottleneck(nn.Module):
+    """RD4AD's decoder block with stride 2: the 3x3 conv is a 2x2 stride-2
+    transposed conv, the shortcut a 2x2 stride-2 transposed conv + BN."""
+
+    def __init__(self, cin, width, cout):
+        super().__init__()
+        self.conv1 = conv1x1(cin, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.ConvTranspose2d(width, width, 2, stride=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, cout)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False),
+            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + self.upsample(x))
+
+
+def _stage(cin, planes, blocks, stride, expansion, wpg, first=Bottleneck):
+    width, cout = planes * wpg // 64, planes * expansion
+    layers = [first(cin, width, cout, stride) if first is Bottleneck
+              else first(cin, width, cout)]
+    layers += [Bottleneck(cout, width, cout) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class Stage1Encoder(nn.Module):
+    """Wide-ResNet-101-2 stages 1-3 without the stem (it runs on ConvH(x))."""
+
+    def __init__(self, blocks=(3, 4, 23), expansion=4, wpg=128):
+        super().__init__()
+        self.layer1 = _stage(64, 64, blocks[0], 1, expansion, wpg)
+        self.layer2 = _stage(64 * expansion, 128, blocks[1], 2, expansion, wpg)
+        self.layer3 = _stage(128 * expansion, 256, blocks[2], 2, expansion, wpg)
+
+    def forward(self, x):
+        a = self.layer1(x)
+        b = self.layer2(a)
+        return a, b, self.layer3(b)
+
+
+class OCBE(nn.Module):
+    """RD4AD's BN_layer (conv4 / bn4 defined but never run, as there)."""
+
+    def __init__(self, blocks=3, expansion=4, wpg=128):
+        super().__init__()
+        e = expansion
+        self.conv1, self.bn1 = conv3x3(64 * e, 128 * e, 2), nn.BatchNorm2d(128 * e)
+        self.conv2, self.bn2 = conv3x3(128 * e, 256 * e, 2), nn.BatchNorm2d(256 * e)
+        self.conv3, self.bn3 = conv3x3(128 * e, 256 * e, 2), nn.BatchNorm2d(256 * e)
+        self.conv4, self.bn4 = conv1x1(1024 * e, 512 * e), nn.BatchNorm2d(512 * e)
+        self.bn_layer = _stage(3 * 256 * e, 512, blocks, 2, e, wpg)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, a, b, c):
+        l1 = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(a))))))
+        l2 = self.relu(self.bn3(self.conv3(b)))
+        return self.bn_layer(torch.cat([l1, l2, c], 1))
+
+
+class Stage1Decoder(nn.Module):
+    """Mirrored Wide-ResNet-50-2; returns its outputs paired with a, b, c."""
+
+    def __init__(self, blocks=(3, 4, 6), expansion=4, wpg=128):
+        super().__init__()
+        e = expansion
+        self.layer1 = _stage(512 * e, 256, blocks[0], 2, e, wpg, DeBottleneck)
+        self.layer2 = _stage(256 * e, 128, blocks[1], 2, e, wpg, DeBottleneck)
+        self.layer3 = _stage(128 * e, 64, blocks[2], 2, e, wpg, DeBottleneck)
+
+    def forward(self, z):
+        d3 = self.layer1(z)
+        d2 = self.layer2(d3)
+        return self.layer3(d2), d2, d3
+
+
+class Stage1Net(nn.Module):
+    """The stage-1 graph; `forward` returns the golden file's arrays (NCHW).
+
+    The published sizes by default; `tiny=True` is the golden file's tiny
+    configuration (expansion 1, width per group 16, one block per stage).
+    """
+
+    def __init__(self, bands, tiny=False):
+        super().__init__()
+        e, wpg = (1, 16) if tiny else (4, 128)
+        enc, ocbe, dec = ((1, 1, 1), 1, (1, 1, 1)) if tiny else \
+            ((3, 4, 23), 3, (3, 4, 6))
+        self.convh = ConvH(bands)
+        self.encoder = Stage1Encoder(enc, e, wpg)
+        self.ocbe = OCBE(ocbe, e, wpg)
+        self.decoder = Stage1Decoder(dec, e, wpg)
+        self.deconvh = nn.Module()
+        self.deconvh.convh = conv1x1(64 * e, bands)
+        self.classifier = PixelHead(bands, 64 * e)
+
+    def forward(self, x):
+        a, b, c = self.encoder(self.convh(x))
+        z = self.ocbe(a, b, c)
+        d1, d2, d3 = self.decoder(z)
+        crop = (slice(None), slice(None), slice(PAD, -PAD), slice(PAD, -PAD))
+        a_cut, d1_cut = a[crop], d1[crop]
+        recon = self.deconvh.convh(d1_cut)
+        head = self.classifier
+        f21, f22 = head(a_cut), head(d1_cut)
+        if torch.mean(torch.abs(a_cut - d1_cut)) != 0:
+            prob = torch.sigmoid(head.conv3(torch.abs(f22 - f21)))
+        else:
+            prob = torch.zeros_like(f21[:, :1])
+        return {"enc_f1": a, "enc_f2": b, "enc_f3": c, "enc_f1_cut": a_cut,
+                "ocbe": z, "dec_f1": d1, "dec_f2": d2, "dec_f3": d3,
+                "recon": recon, "prob": prob, "mixf_train": f21}
+
+    def trainable_parameters(self):
+        return [p for name, p in self.named_parameters()
+                if not name.startswith("encoder.")]
+
+
+def stage1_loss(out, x):
+    """0.1 BCE-with-logits(prob, 0) (sic: prob is already a sigmoid)
+    + 0.1 MSE(x, recon) + sum over levels of mean(1 - cos) (SPEC 4)."""
+    bce = F.binary_cross_entropy_with_logits(out["prob"],
+                                             torch.zeros_like(out["prob"]))
+    mse = F.mse_loss(x, out["recon"])
+    cos = sum(torch.mean(1 - F.cosine_similarity(
+        out[f"enc_f{i}"].flatten(1), out[f"dec_f{i}"].flatten(1)))
+        for i in (1, 2, 3))
+    return 0.1 * bce + 0.1 * mse + cos, {"bce": bce, "mse": mse, "cos": cos}
+
+
+def load_stage1(path, bands: int, tiny=False) -> Stage1Net:
+    """A dict of state_dicts (encoder, ocbe, decoder, convh, deconvh,
+    classifier), as the golden tiny stage-1 file holds, strictly."""
+    model = Stage1Net(bands, tiny)
+    parts = torch.load(path, map_location="cpu", weights_only=True)
+    for name, sd in parts.items():
+        getattr(model, name).load_state_dict(sd, strict=True)
+    return model
+
+
+class Stage1Step:
+    """The reference's stage-1 training step: the encoder frozen in eval
+    mode, everything else in train mode; Adam (lr 0.005, betas (0.5,
+    0.999)) on ConvH, OCBE, decoder, de_ConvH and the classifier."""
+
+    def __init__(self, model: Stage1Net, lr=0.005, betas=(0.5, 0.999)):
+        self.model = model.train()
+        model.encoder.eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=lr,
+                                          betas=betas)
+
+    def __call__(self, x) -> Dict[str, float]:
+        total, terms = stage1_loss(self.model(x), x)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -500,7 +671,8 @@ def check_against_golden(verbose: bool = True, rtol: float = 1e-4) -> Dict[str, 
 
     Checks the published 50- and 100-band teachers (spe_f), the random
     student at 64x64 (spa_f, false_rgb), the FRN, the stage-2 loss terms and
-    the gradients of the total w.r.t. spa_f and rec, and both RX forms.
+    the gradients of the total w.r.t. spa_f and rec, the tiny stage-1 graph
+    (training-mode forward, loss terms, three gradients) and both RX forms.
 
     Returns:
       {name: {'max_abs_err', 'scale', 'ok'}}; ok is err <= rtol * scale
@@ -544,6 +716,26 @@ def check_against_golden(verbose: bool = True, rtol: float = 1e-4) -> Dict[str, 
     record("losses_stage2.total", total, g["total"])
     record("losses_stage2.grad_spa_f", spa_f.grad, g["grad_spa_f"])
     record("losses_stage2.grad_rec", rec.grad, g["grad_rec"])
+
+    g = _golden("stage1_tiny_20bands.npz")
+    model = load_stage1(GOLDEN / "stage1_tiny_random_20bands.pt", 20, tiny=True)
+    Stage1Step(model)  # the training modes, as the golden forward ran
+    x = torch.from_numpy(g["x"])
+    out = model(x)
+    loss, terms = stage1_loss(out, x)
+    loss.backward()
+    for key in ("enc_f1", "enc_f2", "enc_f3", "enc_f1_cut", "ocbe", "dec_f1",
+                "dec_f2", "dec_f3", "recon", "prob", "mixf_train"):
+        record(f"stage1_tiny.{key}", out[key], g[key])
+    for key in ("bce", "mse", "cos"):
+        record(f"stage1_tiny.{key}", terms[key], g[key])
+    record("stage1_tiny.loss", loss, g["loss"])
+    record("stage1_tiny.grad_convh", model.convh.convh.weight.grad, g["grad_convh"])
+    record("stage1_tiny.grad_pc_conv1", model.classifier.conv1.weight.grad,
+           g["grad_pc_conv1"])
+    record("stage1_tiny.grad_dec_layer1_0_conv1",
+           model.decoder.layer1[0].conv1.weight.grad,
+           g["grad_dec_layer1_0_conv1"])
 
     g = _golden("rx.npz")
     x = torch.from_numpy(g["x"])
