@@ -258,11 +258,30 @@ def load_teacher(path, bands: Optional[int] = None, config=None):
     return convert.build("teacher", config), variables
 
 
+def resolve_pretrained(path) -> Optional[str]:
+    """The registry name (fers_jax.pretrained) that `path` stands for, or
+    None: a registered name that is not also an existing file or folder."""
+    from fers_jax import pretrained
+    if path is None or pathlib.Path(str(path)).expanduser().exists():
+        return None
+    return str(path) if pretrained.is_name(path) else None
+
+
 def load_student(path, bands: Optional[int] = None, config=None):
-    """The spatial student from spa_fen.pt or a fers_jax checkpoint.
+    """The spatial student from spa_fen.pt, a fers_jax checkpoint, or the
+    name of one of the project's trained students (fers_jax.pretrained,
+    e.g. 'fers-50').
 
     Returns (SpatialStudent, variables).
     """
+    name = resolve_pretrained(path)
+    if name is not None:
+        from fers_jax import pretrained
+        model, variables = pretrained.load(name)
+        if bands is not None and model.config.bands != bands:
+            raise CheckpointError(f"{name} has {model.config.bands} bands, the "
+                                  f"model/scene uses {bands}")
+        return model, variables
     config, variables = _load("student", path, bands, config)
     return convert.build("student", config), variables
 
