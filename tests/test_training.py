@@ -653,7 +653,8 @@ def test_collapsed_epoch_is_never_selected(scene_crop, tmp_path, monkeypatch):
         step = int(st.step)
         seen[step] = host(st.variables())
         return {"val_mauc": maucs[step], "val_auc": {"x": maucs[step]},
-                "scale": {"spa_ratio": ratios[step]}}
+                "scale": {"spa_ratio": ratios[step], "spa_max": ratios[step],
+                          "spe_max": 1.0}}
     monkeypatch.setattr(loop, "validate", fake)
     summary = loop.train_and_evaluate(tiny_config(
         "stage2", tmp_path, steps=30, val=(str(scene_crop),)))

@@ -792,8 +792,9 @@ def _train_seeds(runs) -> Optional[str]:
             disable=not cfg.progress, dynamic_ncols=True) as bar:
         while step < first.total:
             epoch = first.batches.state["epoch"] + 1
-            batch = jax.device_put(np.stack([next(r.batches) for r in runs]),
-                                   sharding)
+            batch = jax.device_put(jax.tree.map(
+                lambda *xs: np.stack(xs), *[next(r.batches) for r in runs]),
+                sharding)
             stacked, measured = step_fn(stacked, batch)
             measured = jax.device_get(measured)
             per_seed = [_ordered({k: v[i] for k, v in measured.items()})
