@@ -672,9 +672,13 @@ def test_collapsed_epoch_is_never_selected(scene_crop, tmp_path, monkeypatch):
 def test_seeds_replica_equals_its_one_seed_run(scene_crop, tmp_path):
     """--seeds 2: replica k (seed s+k, vmapped with the other) ends where a
     one-seed run of seed s+k ends, after the same 12 steps (an epoch and a
-    bit, validation included): parameters within rtol 1e-4 / atol 1e-6
-    (vmapped convolutions may sum in another order), every metric record of
-    the same fields, the same best epoch; seeds.json holds their mean."""
+    bit, validation included). Not bit for bit: vmapped convolutions sum in
+    another order, and Adam turns float32 rounding in tiny gradients into
+    differences of a fraction of a step (measured: 8e-5 after 12 steps, lr
+    5e-3). Tolerance: parameters and Adam moments within atol 5e-4 (a tenth
+    of one Adam step) + rtol 1e-3; step-1 loss within rel 1e-5, later
+    losses and val mAUC within rel 1e-2 / abs 1e-3. Another seed's
+    replica or batch order is off by the init's scale (~0.1) and fails."""
     cfg = dict(steps=12, val=(str(scene_crop),))
     summary = loop.train_and_evaluate(tiny_config(
         "stage2", tmp_path / "k", seed=3, seeds=2, **cfg))
@@ -695,15 +699,16 @@ def test_seeds_replica_equals_its_one_seed_run(scene_crop, tmp_path):
             assert len(fg) == len(fw) > 0
             for (k, a), (_, b) in zip(fg, fw):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                           rtol=1e-4, atol=1e-6,
+                                           rtol=1e-3, atol=5e-4,
                                            err_msg=f"{seed} {part} "
                                            f"{jax.tree_util.keystr(k)}")
         rg, rw = (read_jsonl(d / "metrics.jsonl") for d in (rep, one))
         assert [r["step"] for r in rg] == [r["step"] for r in rw]
+        assert rg[0]["loss"] == pytest.approx(rw[0]["loss"], rel=1e-5)
         for a, b in zip(rg, rw):
             assert a["loss" if a["kind"] == "step" else "val_mauc"] == \
                 pytest.approx(b["loss" if b["kind"] == "step" else "val_mauc"],
-                              rel=1e-4, abs=1e-5)
+                              rel=1e-2, abs=1e-3)
         assert json.loads((rep / "summary.json").read_text())["best"]["step"] \
             == json.loads((one / "summary.json").read_text())["best"]["step"]
         for part in ("student", "frn", "teacher"):
