@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "batch statistics updating the running ones (the "
                         "reference's quirk: students trained so collapse at "
                         "inference with a random trunk)")
+    p.add_argument("--train-trunk", action="store_true",
+                   help="stage 2: train the ResNet-34 trunk too (an ablation; the "
+                        "reference keeps it frozen)")
     p.add_argument("--bce-on-logits", action="store_true",
                    help="stage 1: BCE on the classifier's logits instead of the "
                         "reference's BCE on its sigmoid output")

@@ -36,6 +36,8 @@ def main(argv=None):
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", nargs="*", default=[], metavar="LABEL=PATH")
     p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--no-random", action="store_true",
+                   help="skip the random (untrained) student")
     p.add_argument("--scenes", default=str(SHARED / "data" / "scenes"))
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -45,8 +47,8 @@ def main(argv=None):
     spe = jax.jit(lambda v, x: teacher.apply(v, x)["spe_f"])
     model = SpatialStudent(configs.student(args.bands))
     spa = jax.jit(lambda v, x: model.apply(v, x)["spa_f"])
-    students = {"random": jax.jit(model.init)(jax.random.key(args.random_seed),
-                                              jnp.zeros((1, 32, 32, args.bands)))}
+    students = {} if args.no_random else {"random": jax.jit(model.init)(
+        jax.random.key(args.random_seed), jnp.zeros((1, 32, 32, args.bands)))}
     for item in args.student:
         label, path = item.split("=", 1)
         students[label] = checkpoints.load_student(path, args.bands)[1]

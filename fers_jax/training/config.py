@@ -51,6 +51,8 @@ class TrainConfig:
       imagenet: torchvision .pth of the frozen backbone (Wide-ResNet-101-2
         for stage 1, ResNet-34 for stage 2); None: random init.
       seed: PRNG seed; None: the reference's for (sensor, bands).
+      train_trunk: stage 2: the ResNet-34 trunk trains too (an ablation;
+        the reference freezes it).
       seeds: K: train K replicas, seeds `seed` .. `seed` + K - 1, in one
         program (one vmapped step; OUT/seed_<s>/ each, OUT/seeds.json);
         None: one run.
@@ -95,6 +97,7 @@ class TrainConfig:
     trunk_bn: str = "running"
     bce_on_logits: bool = False
     feature_cache: Optional[str] = None
+    train_trunk: bool = False
     checkpoint_every: Optional[int] = None
     log_every: int = 1
     progress: bool = True

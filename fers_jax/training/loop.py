@@ -60,7 +60,7 @@ from fers_jax.training.state import (AdamConfig, TrainState, count,
 # Settings that must not change when a run is resumed.
 RESUME_FIELDS = ("stage", "bands", "band_start", "model", "batch_size",
                  "patch_size", "stride", "sensor", "learning_rate", "b1", "b2",
-                 "eps", "trunk_bn", "bce_on_logits")
+                 "eps", "trunk_bn", "bce_on_logits", "train_trunk")
 
 
 class TrainingError(FersError):
@@ -158,7 +158,8 @@ def build_task(cfg: TrainConfig, key, shape):
     else:
         teacher, teacher_vars = model_checkpoints.load_teacher(cfg.teacher,
                                                                cfg.bands)
-        task = stage2.task(teacher.config, cfg.model, trunk_bn=cfg.trunk_bn)
+        task = stage2.task(teacher.config, cfg.model, trunk_bn=cfg.trunk_bn,
+                           train_trunk=cfg.train_trunk)
         variables = task.init_variables(key, shape, teacher_vars, cfg.imagenet)
     if cfg.imagenet is None:
         what = ("encoder" if cfg.stage == "stage1" else "student trunk")
@@ -357,8 +358,10 @@ def _prepare_out(cfg: TrainConfig) -> pathlib.Path:
 def _check_resume(meta: dict, cfg: TrainConfig, select: str, where):
     saved = meta.get("train_config", {})
     now = cfg.to_dict()
-    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIELDS
-               if saved.get(k) != now[k]]
+    # A field newer than the run folder counts as its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    changed = [f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}"
+               for k in RESUME_FIELDS if saved.get(k, defaults[k]) != now[k]]
     for key, value in (("seed", cfg.run_seed), ("select", select)):
         if meta.get(key) != value:
             changed.append(f"{key}: {meta.get(key)!r} -> {value!r}")
