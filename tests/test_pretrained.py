@@ -43,7 +43,9 @@ def test_write_load_roundtrip_and_one_shared_trunk(tmp_path):
         np.testing.assert_array_equal(got[k], np.asarray(want[k], np.float32))
     # A changed file is refused by its card's sha256.
     path = tmp_path / "b.npz"
-    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
     with pytest.raises(CheckpointError, match="sha256"):
         pretrained.load("b", tmp_path)
 
