@@ -173,6 +173,8 @@ def resolve_checkpoint(path, kind: str, say=None) -> pathlib.Path:
 
     - a fers_jax checkpoint folder, a PyTorch file or the published
       folder: itself;
+    - (students) a registered model's name such as `fers-50` is not a path:
+      `resolve_pretrained` and `load_student` take it before this runs;
     - a train.py run folder `DIR`: `DIR/best/<kind>` when present, else
       `DIR/final/<kind>`; an export folder (`DIR/best`, `DIR/final`): its
       `<kind>`. Which one is used is said on stderr (or to `say`).
@@ -187,7 +189,12 @@ def resolve_checkpoint(path, kind: str, say=None) -> pathlib.Path:
         raise CheckpointError(f"no {kind} checkpoint given")
     path = pathlib.Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{kind} checkpoint {path} does not exist")
+        hint = ""
+        if kind == "student":  # registry names: load_student / resolve_pretrained
+            from fers_jax import pretrained
+            hint = (f" (nor a trained model's name: "
+                    f"{', '.join(pretrained.names())})" if pretrained.names() else "")
+        raise CheckpointError(f"{kind} checkpoint {path} does not exist{hint}")
     if not path.is_dir() or is_checkpoint(path):
         return path
     candidates = [path / e / kind for e in RUN_EXPORTS] + [path / kind]
