@@ -67,8 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "a train.py run folder (its best/, else final/ model) (required "
                    "by ferd and fers)")
     p.add_argument("--student", metavar="CKPT", help="FERS spatial student: a "
-                   "spa_fen.pt, a fers_jax Orbax checkpoint or a train.py stage-2 run "
-                   "folder (required by fers)")
+                   "spa_fen.pt, a fers_jax Orbax checkpoint, a train.py stage-2 run "
+                   "folder, or a trained model's name (fers-50, fers-100: python -m "
+                   "fers_jax.pretrained --list; only with the teacher it was trained "
+                   "against) (required by fers)")
     p.add_argument("--fusion", choices=("auto", "sum", "product"), default="auto",
                    help="FERS map: auto is sum above 50 bands, product at 50 and below")
     p.add_argument("--batch-size", type=int, default=16,

@@ -69,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None,
                    help="PRNG seed (default: the reference's: 820 for 200 bands, "
                         "810 for 100, 370 for 50, 850 for 200 AVIRIS bands, else 0)")
+    p.add_argument("--seeds", type=int, default=None, metavar="K",
+                   help="train K replicas, seeds --seed .. --seed+K-1, in one "
+                        "program (one vmapped train step): DIR/seed_<s>/ each "
+                        "(metrics, checkpoints, best/, final/), DIR/seeds.json "
+                        "their best epochs' mean and std (default: one run)")
     p.add_argument("--sensor", default="aviris_ng",
                    help="HAD100 sensor folder (aviris_ng or aviris)")
     p.add_argument("--band-start", type=int, default=0, help="first band used")
@@ -78,10 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="step between patches (default: --patch-size)")
     p.add_argument("--lr", dest="learning_rate", type=float, default=0.005,
                    help="Adam learning rate (betas 0.5, 0.999, eps 1e-8)")
-    p.add_argument("--trunk-bn", choices=("batch", "running"), default="batch",
-                   help="stage 2: the frozen trunk's BatchNorm: batch statistics "
-                        "updating its running statistics (the reference), or "
-                        "running statistics (eval mode)")
+    p.add_argument("--trunk-bn", choices=("batch", "running"), default="running",
+                   help="stage 2: the frozen trunk's BatchNorm: its running "
+                        "statistics (eval mode, as at inference; the default), or "
+                        "batch statistics updating the running ones (the "
+                        "reference's quirk: students trained so collapse at "
+                        "inference with a random trunk)")
+    p.add_argument("--train-trunk", action="store_true",
+                   help="stage 2: train the ResNet-34 trunk too (an ablation; the "
+                        "reference keeps it frozen)")
     p.add_argument("--bce-on-logits", action="store_true",
                    help="stage 1: BCE on the classifier's logits instead of the "
                         "reference's BCE on its sigmoid output")

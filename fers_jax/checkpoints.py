@@ -173,6 +173,8 @@ def resolve_checkpoint(path, kind: str, say=None) -> pathlib.Path:
 
     - a fers_jax checkpoint folder, a PyTorch file or the published
       folder: itself;
+    - (students) a registered model's name such as `fers-50` is not a path:
+      `resolve_pretrained` and `load_student` take it before this runs;
     - a train.py run folder `DIR`: `DIR/best/<kind>` when present, else
       `DIR/final/<kind>`; an export folder (`DIR/best`, `DIR/final`): its
       `<kind>`. Which one is used is said on stderr (or to `say`).
@@ -187,7 +189,12 @@ def resolve_checkpoint(path, kind: str, say=None) -> pathlib.Path:
         raise CheckpointError(f"no {kind} checkpoint given")
     path = pathlib.Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{kind} checkpoint {path} does not exist")
+        hint = ""
+        if kind == "student":  # registry names: load_student / resolve_pretrained
+            from fers_jax import pretrained
+            hint = (f" (nor a trained model's name: "
+                    f"{', '.join(pretrained.names())})" if pretrained.names() else "")
+        raise CheckpointError(f"{kind} checkpoint {path} does not exist{hint}")
     if not path.is_dir() or is_checkpoint(path):
         return path
     candidates = [path / e / kind for e in RUN_EXPORTS] + [path / kind]
@@ -258,11 +265,30 @@ def load_teacher(path, bands: Optional[int] = None, config=None):
     return convert.build("teacher", config), variables
 
 
+def resolve_pretrained(path) -> Optional[str]:
+    """The registry name (fers_jax.pretrained) that `path` stands for, or
+    None: a registered name that is not also an existing file or folder."""
+    from fers_jax import pretrained
+    if path is None or pathlib.Path(str(path)).expanduser().exists():
+        return None
+    return str(path) if pretrained.is_name(path) else None
+
+
 def load_student(path, bands: Optional[int] = None, config=None):
-    """The spatial student from spa_fen.pt or a fers_jax checkpoint.
+    """The spatial student from spa_fen.pt, a fers_jax checkpoint, or the
+    name of one of the project's trained students (fers_jax.pretrained,
+    e.g. 'fers-50').
 
     Returns (SpatialStudent, variables).
     """
+    name = resolve_pretrained(path)
+    if name is not None:
+        from fers_jax import pretrained
+        model, variables = pretrained.load(name)
+        if bands is not None and model.config.bands != bands:
+            raise CheckpointError(f"{name} has {model.config.bands} bands, the "
+                                  f"model/scene uses {bands}")
+        return model, variables
     config, variables = _load("student", path, bands, config)
     return convert.build("student", config), variables
 

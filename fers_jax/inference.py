@@ -96,6 +96,10 @@ def feature_extractor(teacher_path, student_path: Optional[str] = None,
         (parallel.shard_padded); default: one device.
     """
     _check_dtype(dtype)
+    name = checkpoints.resolve_pretrained(student_path)
+    if name is not None:  # a shipped student runs only with its own teacher
+        from fers_jax import pretrained
+        pretrained.check_teacher(name, teacher_path)
     teacher, t_vars = checkpoints.load_teacher(teacher_path, bands)
     bands = teacher.config.bands
     student, s_vars = (checkpoints.load_student(student_path, bands)

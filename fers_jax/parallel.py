@@ -103,6 +103,14 @@ def step_shardings(mesh: Mesh) -> dict:
             "out_shardings": (replicated(mesh), replicated(mesh))}
 
 
+def seed_step_shardings(mesh: Mesh) -> dict:
+    """`step_shardings` for K stacked replicas (training.state's seeds axis):
+    batches (K, N, ...) split over 'data' along N, the rest replicated."""
+    seeds_batch = NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+    return {"in_shardings": (replicated(mesh), seeds_batch),
+            "out_shardings": (replicated(mesh), replicated(mesh))}
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> int:
     """Raises InputError unless every device gets an equal part of the
     batch; returns the images per device."""

@@ -576,6 +576,11 @@ def test_stage2_run_files_and_evaluate(scene_crop, tmp_path):
     (epoch,) = [r for r in records if r["kind"] == "epoch"]
     assert epoch["step"] == 10 and epoch["best"]
     assert set(epoch["val_auc"]) == {"airport_crop"}
+    # spa_f's scale against spe_f's is tracked each epoch (the collapse guard).
+    scale = epoch["scale"]
+    assert scale["spe_max"] > 0 and scale["spa_max"] >= 0
+    assert scale["spa_ratio"] == pytest.approx(scale["spa_max"] / scale["spe_max"])
+    assert epoch["collapsed"] == (scale["spa_ratio"] < loop.COLLAPSE_RATIO)
     assert summary["select"] == "val" and summary["best"]["step"] == 10
     assert sorted(checkpointing_for(out).all_steps()) == [12]  # the latest
     assert json.loads((out / "best" / "best_epoch.json").read_text()) == \
@@ -612,3 +617,105 @@ def test_had100_root_trains_on_train_and_selects_on_test(tmp_path):
     (epoch,) = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")
                 if r["kind"] == "epoch"]
     assert len(epoch["test_auc"]) == n_test and "val_mauc" not in epoch
+
+
+def test_feature_scale_and_the_collapse_threshold():
+    """The guard's measure on known arrays: a student at 1e-4 of the
+    teacher's scale is collapsed, one at 1e-2 is not."""
+    rng = np.random.default_rng(0)
+    spe = np.clip(rng.normal(size=(8, 8, 3)) * 10, -40, 40)
+    spe[0, 0, 0] = 50.0
+    alive = np.clip(rng.normal(size=(8, 8, 3)), 0, 0.4)
+    alive[0, 0, 0] = 0.5                      # max 0.5: ratio 1e-2
+    alive[..., 2] = 0.0                       # one dead channel
+    one = loop.feature_scale({"spa_f": alive, "spe_f": spe})
+    assert one["spa_max"] == 0.5 and one["spe_max"] == 50.0
+    assert one["spa_dead_channels"] == 1
+    assert one["spa_zero"] == pytest.approx(np.mean(alive == 0))
+    two = loop.feature_scale({"spa_f": alive * 1e-2, "spe_f": spe})
+    both = loop.summarise_scale({"a": one, "b": two})
+    assert both["spa_ratio"] == pytest.approx(1e-2)
+    assert not loop.collapsed(both)
+    assert loop.collapsed(loop.summarise_scale({"b": two}))      # 1e-4
+    assert loop.collapsed(loop.summarise_scale(
+        {"z": loop.feature_scale({"spa_f": 0 * alive, "spe_f": spe})}))
+    assert not loop.collapsed(None)           # stage 1: nothing to guard
+
+
+def test_collapsed_epoch_is_never_selected(scene_crop, tmp_path, monkeypatch):
+    """The best val mAUC at a collapsed epoch (spa_ratio under the threshold)
+    is recorded but not selected: best/ holds the best live epoch."""
+    maucs = {10: 0.7, 20: 0.9, 30: 0.8}
+    ratios = {10: 0.5, 20: loop.COLLAPSE_RATIO / 10, 30: 0.2}
+    seen = {}
+
+    def fake(task, st, val, test, mesh=None):
+        step = int(st.step)
+        seen[step] = host(st.variables())
+        return {"val_mauc": maucs[step], "val_auc": {"x": maucs[step]},
+                "scale": {"spa_ratio": ratios[step], "spa_max": ratios[step],
+                          "spe_max": 1.0}}
+    monkeypatch.setattr(loop, "validate", fake)
+    summary = loop.train_and_evaluate(tiny_config(
+        "stage2", tmp_path, steps=30, val=(str(scene_crop),)))
+    assert summary["best"]["step"] == 30
+    epochs = [r for r in read_jsonl(tmp_path / "metrics.jsonl")
+              if r["kind"] == "epoch"]
+    assert [r["collapsed"] for r in epochs] == [False, True, False]
+    assert [r["best"] for r in epochs] == [True, False, True]
+    got, _ = checkpoints.load_variables(tmp_path / "best" / "student",
+                                        "student")
+    want = {col: tree["student"] for col, tree in seen[30].items()}
+    assert_trees_equal(jax.tree.map(np.asarray, got), want)
+
+
+def test_seeds_replica_equals_its_one_seed_run(scene_crop, tmp_path):
+    """--seeds 2: replica k (seed s+k, vmapped with the other) follows a
+    one-seed run of seed s+k over the same 12 steps (an epoch and a bit,
+    validation included), to float32 rounding amplified by training. Not
+    bit for bit: vmapped convolutions sum in another order, Adam moves a
+    weight whose gradient is at rounding level by +-lr on the sign of that
+    rounding, and the cross-covariance divides near-dead channels by a tiny
+    std. Measured (tiny sizes, lr 5e-3): step-1 losses equal to 1e-7, the
+    largest parameter difference 2e-5..2e-4 after one step, 2e-3 after 8,
+    up to 2e-2 in a few weights after 12. Tolerance: step-1 loss rel 1e-5
+    (same init, same first batch), losses of steps 1-8 rel 5e-2 (measured
+    up to 1.0e-2 here); after 12
+    steps under 5% of all parameters more than 2.5e-3 (half an Adam step)
+    apart and a mean absolute difference under 1e-3. Another seed's replica
+    or batch order differs by the init's scale (~0.07 on average) and fails."""
+    cfg = dict(steps=12, val=(str(scene_crop),))
+    summary = loop.train_and_evaluate(tiny_config(
+        "stage2", tmp_path / "k", seed=3, seeds=2, **cfg))
+    assert summary["seeds"] == [3, 4] and not summary["interrupted"]
+    record = json.loads((tmp_path / "k" / "seeds.json").read_text())
+    metric = [b["metric"] for b in record["best"]]
+    assert record["best_metric_mean"] == pytest.approx(np.mean(metric))
+    for seed in (3, 4):
+        one = tmp_path / f"one_{seed}"
+        loop.train_and_evaluate(tiny_config("stage2", one, seed=seed, **cfg))
+        rep = tmp_path / "k" / f"seed_{seed}"
+        got, meta_got = final_state(rep)
+        want, meta_want = final_state(one)
+        assert meta_got["seed"] == seed and meta_got["data"] == meta_want["data"]
+        diffs = []
+        for part in ("params", "batch_stats"):
+            fg, fw = (jax.tree_util.tree_leaves_with_path(t[part])
+                      for t in (got, want))
+            assert [k for k, _ in fg] == [k for k, _ in fw] and fg
+            diffs += [np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                      for (_, a), (_, b) in zip(fg, fw)]
+        diffs = np.concatenate(diffs)
+        assert np.mean(diffs > 2.5e-3) < 0.05, (seed, np.mean(diffs > 2.5e-3))
+        assert np.mean(diffs) < 1e-3, (seed, np.mean(diffs))
+        rg, rw = (read_jsonl(d / "metrics.jsonl") for d in (rep, one))
+        assert [r["step"] for r in rg] == [r["step"] for r in rw]
+        assert rg[0]["loss"] == pytest.approx(rw[0]["loss"], rel=1e-5)
+        for a, b in zip(rg, rw):
+            if a["kind"] == "step" and a["step"] <= 8:
+                assert a["loss"] == pytest.approx(b["loss"], rel=5e-2)
+        assert json.loads((rep / "summary.json").read_text())["best"]["step"] \
+            == json.loads((one / "summary.json").read_text())["best"]["step"]
+        for part in ("student", "frn", "teacher"):
+            assert checkpoints.is_checkpoint(rep / "best" / part)
+            assert checkpoints.is_checkpoint(rep / "final" / part)

@@ -51,9 +51,17 @@ class TrainConfig:
       imagenet: torchvision .pth of the frozen backbone (Wide-ResNet-101-2
         for stage 1, ResNet-34 for stage 2); None: random init.
       seed: PRNG seed; None: the reference's for (sensor, bands).
+      train_trunk: stage 2: the ResNet-34 trunk trains too (an ablation;
+        the reference freezes it).
+      seeds: K: train K replicas, seeds `seed` .. `seed` + K - 1, in one
+        program (one vmapped step; OUT/seed_<s>/ each, OUT/seeds.json);
+        None: one run.
       sensor: HAD100 sensor folder ('aviris_ng' or 'aviris').
       learning_rate, b1, b2, eps: Adam, as torch.optim.Adam.
-      trunk_bn: stage 2: 'batch' (reference) or 'running' (eval-mode trunk).
+      trunk_bn: stage 2: 'running' (default: the frozen trunk's BatchNorm in
+        eval mode, as at inference) or 'batch' (the reference's train-mode
+        quirk; with a random trunk it trains students that collapse at
+        inference, see README "Trained models").
       bce_on_logits: stage 1: BCE on the logits instead of the reference's
         BCE on the sigmoid output.
       feature_cache: stage 2: a folder keeping the frozen teacher's spe_f
@@ -80,14 +88,16 @@ class TrainConfig:
     resume: bool = False
     imagenet: Optional[str] = None
     seed: Optional[int] = None
+    seeds: Optional[int] = None
     sensor: str = "aviris_ng"
     learning_rate: float = 0.005
     b1: float = 0.5
     b2: float = 0.999
     eps: float = 1e-8
-    trunk_bn: str = "batch"
+    trunk_bn: str = "running"
     bce_on_logits: bool = False
     feature_cache: Optional[str] = None
+    train_trunk: bool = False
     checkpoint_every: Optional[int] = None
     log_every: int = 1
     progress: bool = True
@@ -111,7 +121,7 @@ class TrainConfig:
             raise InputError("no training data: give --data PATH")
         for name in ("bands", "epochs", "batch_size", "patch_size", "log_every"):
             positive(name, getattr(self, name))
-        for name in ("steps", "stride", "checkpoint_every"):
+        for name in ("steps", "stride", "checkpoint_every", "seeds"):
             positive(name, getattr(self, name), allow_none=True)
         if self.seed is not None and (not isinstance(self.seed, int)
                                       or self.seed < 0):

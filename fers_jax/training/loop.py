@@ -28,6 +28,7 @@ The run folder `out` holds:
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -52,12 +53,14 @@ from fers_jax.models import ferd
 from fers_jax.training import checkpointing, stage1, stage2
 from fers_jax.training.config import TrainConfig
 from fers_jax.training.state import (AdamConfig, TrainState, count,
-                                     create_train_state, jit_train_step)
+                                     create_train_state, jit_train_step,
+                                     jit_train_step_seeds, stack_states,
+                                     unstack_state)
 
 # Settings that must not change when a run is resumed.
 RESUME_FIELDS = ("stage", "bands", "band_start", "model", "batch_size",
                  "patch_size", "stride", "sensor", "learning_rate", "b1", "b2",
-                 "eps", "trunk_bn", "bce_on_logits")
+                 "eps", "trunk_bn", "bce_on_logits", "train_trunk")
 
 
 class TrainingError(FersError):
@@ -155,7 +158,8 @@ def build_task(cfg: TrainConfig, key, shape):
     else:
         teacher, teacher_vars = model_checkpoints.load_teacher(cfg.teacher,
                                                                cfg.bands)
-        task = stage2.task(teacher.config, cfg.model, trunk_bn=cfg.trunk_bn)
+        task = stage2.task(teacher.config, cfg.model, trunk_bn=cfg.trunk_bn,
+                           train_trunk=cfg.train_trunk)
         variables = task.init_variables(key, shape, teacher_vars, cfg.imagenet)
     if cfg.imagenet is None:
         what = ("encoder" if cfg.stage == "stage1" else "student trunk")
@@ -173,11 +177,13 @@ def _features_fn(task):
     return jax.jit(task.features)
 
 
-def score_scenes(task, variables, scenes, mesh=None) -> Dict[str, float]:
+def score_scenes(task, variables, scenes, mesh=None,
+                 scale: Optional[dict] = None) -> Dict[str, float]:
     """{scene name: ROC AUC} of the task's detection map on each scene.
 
     Scenes of one size go through in batches of one per device of `mesh`
-    (default: a single device), sharded over it.
+    (default: a single device), sharded over it. With a dict `scale`, the
+    features' scale per scene is added to it ({name: feature_scale(...)}).
     """
     mesh = mesh or parallel.one_device_mesh()
     features = _features_fn(task)
@@ -189,22 +195,74 @@ def score_scenes(task, variables, scenes, mesh=None) -> Dict[str, float]:
         for i in range(0, len(group), mesh.size):
             chunk = group[i:i + mesh.size]
             x, n = parallel.shard_padded(np.stack([s.x for s in chunk]), mesh)
-            maps = parallel.to_host(task.detection_map(x, features(variables, x)))
+            feats = features(variables, x)
+            maps = parallel.to_host(task.detection_map(x, feats))
+            if scale is not None:
+                host = {k: parallel.to_host(v)[:n] for k, v in feats.items()}
+                for j, scene in enumerate(chunk):
+                    scale[scene.name] = feature_scale(
+                        {k: v[j] for k, v in host.items()})
             for scene, score_map in zip(chunk, maps[:n]):
                 aucs[scene.name] = metrics.roc_auc(score_map, scene.gt,
                                                    scene.name)
     return {scene.name: aucs[scene.name] for scene in scenes}
 
 
+# --- spa_f's scale and the collapse guard -------------------------------------------
+
+# A student whose spa_f is this small against spe_f (max |spa_f| / max |spe_f|
+# over the validation scenes) is collapsed: x + spe_f + spa_f is then x +
+# spe_f to float32 rounding, and FERS is FERD (sum fusion) or the zero
+# student's product (product fusion). Measured (issue 10): collapsed students
+# sit at 4e-9 (train-mode trunk BN) and 4e-5 (faded, epoch 30); students with
+# signal at 8e-3 (50 bands, epoch 11) and 0.8 (100 bands).
+COLLAPSE_RATIO = 1e-3
+
+
+def feature_scale(feats) -> dict:
+    """Scale of one image's features: max |.|, std, fraction of exact zeros
+    of spa_f, max |.| and std of spe_f (host arrays (H, W, B))."""
+    spa, spe = (np.asarray(feats[k], np.float64) for k in ("spa_f", "spe_f"))
+    return {"spa_max": float(np.abs(spa).max()), "spa_std": float(spa.std()),
+            "spa_zero": float(np.mean(spa == 0)),
+            "spa_dead_channels": int(np.sum(np.all(spa == 0, axis=(0, 1)))),
+            "spe_max": float(np.abs(spe).max()), "spe_std": float(spe.std())}
+
+
+def summarise_scale(per_scene: dict) -> dict:
+    """The epoch record's spa_f scale over scenes: max of the maxima, mean of
+    the stds and zero fractions, and `spa_ratio` = max |spa_f| / max |spe_f|
+    (the collapse guard's measure)."""
+    rows = list(per_scene.values())
+    spa_max = max(r["spa_max"] for r in rows)
+    spe_max = max(r["spe_max"] for r in rows)
+    return {"spa_max": spa_max,
+            "spa_std": float(np.mean([r["spa_std"] for r in rows])),
+            "spa_zero": float(np.mean([r["spa_zero"] for r in rows])),
+            "spa_dead_channels": max(r["spa_dead_channels"] for r in rows),
+            "spe_max": spe_max,
+            "spe_std": float(np.mean([r["spe_std"] for r in rows])),
+            "spa_ratio": spa_max / spe_max if spe_max > 0 else 0.0}
+
+
+def collapsed(scale: Optional[dict]) -> bool:
+    """True where the student's spa_f carries no signal (COLLAPSE_RATIO)."""
+    return scale is not None and scale["spa_ratio"] < COLLAPSE_RATIO
+
+
 def validate(task, state: TrainState, val, test, mesh=None) -> dict:
-    """The per-epoch record's scores: val_mauc, val_auc, test_mauc, test_auc."""
+    """The per-epoch record's scores: val_mauc, val_auc, test_mauc, test_auc,
+    and, for stage 2, `scale` (summarise_scale over the scored scenes)."""
     variables = state.variables()
     record = {}
+    per_scene = {} if task.name == "stage2" else None
     for name, scenes in (("val", val), ("test", test)):
         if scenes:
-            aucs = score_scenes(task, variables, scenes, mesh)
+            aucs = score_scenes(task, variables, scenes, mesh, per_scene)
             record[f"{name}_mauc"] = float(np.mean(list(aucs.values())))
             record[f"{name}_auc"] = aucs
+    if per_scene:
+        record["scale"] = summarise_scale(per_scene)
     return record
 
 
@@ -300,8 +358,10 @@ def _prepare_out(cfg: TrainConfig) -> pathlib.Path:
 def _check_resume(meta: dict, cfg: TrainConfig, select: str, where):
     saved = meta.get("train_config", {})
     now = cfg.to_dict()
-    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIELDS
-               if saved.get(k) != now[k]]
+    # A field newer than the run folder counts as its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    changed = [f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}"
+               for k in RESUME_FIELDS if saved.get(k, defaults[k]) != now[k]]
     for key, value in (("seed", cfg.run_seed), ("select", select)):
         if meta.get(key) != value:
             changed.append(f"{key}: {meta.get(key)!r} -> {value!r}")
@@ -501,6 +561,8 @@ def train_and_evaluate(cfg: TrainConfig, mesh=None) -> dict:
     those of the last good steps). SIGINT / SIGTERM save a checkpoint at the
     next step boundary and return a summary with "interrupted" set.
     """
+    if cfg.seeds is not None:
+        return train_seeds(cfg, mesh)
     run = _Run(cfg, mesh or parallel.make_mesh())
     try:
         _announce(run)
@@ -595,18 +657,23 @@ def _end_of_epoch(run: _Run, step: int, epoch: int):
     t0 = time.perf_counter()
     record = validate(run.task, run.state, run.val, run.test, run.mesh)
     metric = record.get(f"{run.select}_mauc")
-    improved = metric is not None and (run.best is None
-                                       or metric >= run.best["metric"])
+    is_collapsed = collapsed(record.get("scale"))
+    improved = (metric is not None and not is_collapsed
+                and (run.best is None or metric >= run.best["metric"]))
     if improved:
         run.best = {"step": step, "epoch": epoch, "metric": metric,
                     "select": run.select}
         _export_best(run, run.state)
     run.log.write({"kind": "epoch", "step": step, "epoch": epoch, **record,
-                   "best": improved,
+                   "best": improved, "collapsed": is_collapsed,
                    "seconds": round(time.perf_counter() - t0, 3)})
     scores = ", ".join(f"{k} {v:.4f}" for k, v in record.items()
                        if k.endswith("_mauc"))
-    _say(f"epoch {epoch} (step {step}): {scores}" + (" (best)" if improved else ""))
+    if "scale" in record:
+        scores += (f", spa_f max {record['scale']['spa_max']:.3g} "
+                   f"(spe_f {record['scale']['spe_max']:.3g})")
+    _say(f"epoch {epoch} (step {step}): {scores}" + (" (best)" if improved else "")
+         + (" (collapsed: not selectable)" if is_collapsed else ""))
 
 
 def _finish(run: _Run) -> dict:
@@ -631,3 +698,139 @@ def _finish(run: _Run) -> dict:
             f"{run.best['metric']:.4f}) in {run.out / 'best'}"
             if run.best else ""))
     return summary
+
+
+# --- Seeds as an axis: `--seeds K` (issue 10) -------------------------------------
+#
+# K replicas, seeds cfg.run_seed .. cfg.run_seed + K - 1, each an ordinary
+# one-seed run in OUT/seed_<s>/ (its own config.json, metrics.jsonl,
+# checkpoints/, best/, final/, summary.json: a one-seed run of that seed could
+# resume it), trained together by one jitted step vmapped over their stacked
+# states and batches (each replica draws its own batch order from its seed).
+# OUT/seeds.json gathers the replicas' best epochs: mean and std of the metric.
+
+SEEDS_RECORD = "seeds.json"
+
+
+def seed_configs(cfg: TrainConfig):
+    """The one-seed TrainConfig of each replica of a `seeds` run."""
+    out = pathlib.Path(cfg.out)
+    return [dataclasses.replace(cfg, seed=s, seeds=None,
+                                out=str(out / f"seed_{s}"))
+            for s in range(cfg.run_seed, cfg.run_seed + cfg.seeds)]
+
+
+def train_seeds(cfg: TrainConfig, mesh=None) -> dict:
+    """train_and_evaluate for cfg.seeds replicas in one program (see above).
+
+    All replicas take the same steps (they share the source and batch size);
+    resuming needs every replica's latest checkpoint at the same step.
+    A non-finite loss in any replica stops all of them (each keeps its last
+    good checkpoint). Returns {"seeds": [...], "runs": [per-seed summaries],
+    "interrupted", "step", "best_metric_mean", "best_metric_std"}.
+    """
+    if jax.process_count() > 1:
+        raise InputError("--seeds trains on one host; run one seed per "
+                         "process on many hosts")
+    mesh = mesh or parallel.make_mesh()
+    runs = []
+    try:
+        for c in seed_configs(cfg):
+            runs.append(_Run(c, mesh))
+        steps = {int(r.state.step) for r in runs}
+        if len(steps) != 1:
+            raise TrainingError(
+                f"cannot resume {cfg.out}: its seeds' latest checkpoints are "
+                f"at different steps ({', '.join(f'seed {r.seed}: step {int(r.state.step)}' for r in runs)})")
+        for r in runs:
+            _announce(r)
+        interrupted = _train_seeds(runs)
+        summaries = []
+        for r in runs:
+            if interrupted:
+                summaries.append({"interrupted": interrupted,
+                                  "step": int(r.state.step),
+                                  "checkpoints": str(r.ckpts.directory)})
+            else:
+                summaries.append(_finish(r))
+    finally:
+        for r in runs:
+            r.close()
+    metrics_ = [r.best["metric"] for r in runs if r.best is not None]
+    summary = {"interrupted": interrupted, "step": int(runs[0].state.step),
+               "seeds": [r.seed for r in runs], "runs": summaries,
+               "best": [r.best for r in runs],
+               "best_metric_mean": float(np.mean(metrics_)) if metrics_ else None,
+               "best_metric_std": (float(np.std(metrics_, ddof=1))
+                                   if len(metrics_) > 1 else None)}
+    if not interrupted:
+        write_json_atomic(pathlib.Path(cfg.out).expanduser().resolve()
+                          / SEEDS_RECORD, _finite_or_none(summary))
+        if metrics_:
+            _say(f"{len(runs)} seeds: best {runs[0].select} mAUC "
+                 f"{summary['best_metric_mean']:.4f}"
+                 + (f" +- {summary['best_metric_std']:.4f}"
+                    if summary["best_metric_std"] is not None else ""))
+    return summary
+
+
+def _train_seeds(runs) -> Optional[str]:
+    """`_train` for stacked replicas: one vmapped step per batch of each."""
+    from tqdm import tqdm
+    first = runs[0]
+    cfg = first.cfg
+    step_fn = jit_train_step_seeds(first.task, first.optimizer, first.mesh)
+    sharding = parallel.seed_step_shardings(first.mesh)["in_shardings"][1]
+    stacked = stack_states([r.state for r in runs])
+    step = int(first.state.step)
+    start = time.perf_counter()
+
+    def sync_states():
+        for k, r in enumerate(runs):
+            r.state = unstack_state(stacked, k)
+
+    with StopRequests() as stop, tqdm(
+            total=first.total, initial=min(step, first.total), unit="step",
+            desc=f"{first.task.name} x{len(runs)} seeds",
+            disable=not cfg.progress, dynamic_ncols=True) as bar:
+        while step < first.total:
+            epoch = first.batches.state["epoch"] + 1
+            batch = jax.device_put(jax.tree.map(
+                lambda *xs: np.stack(xs), *[next(r.batches) for r in runs]),
+                sharding)
+            stacked, measured = step_fn(stacked, batch)
+            measured = jax.device_get(measured)
+            per_seed = [_ordered({k: v[i] for k, v in measured.items()})
+                        for i in range(len(runs))]
+            bad = [i for i, m in enumerate(per_seed)
+                   if not (math.isfinite(m["loss"])
+                           and math.isfinite(m["grad_norm"]))]
+            if bad:
+                sync_states()
+                _stop_non_finite(runs[bad[0]], step + 1, epoch, per_seed[bad[0]])
+            step += 1
+            elapsed = round(time.perf_counter() - start, 3)
+            if step % cfg.log_every == 0 or step == first.total:
+                for r, m in zip(runs, per_seed):
+                    r.log.write({"kind": "step", "step": step, "epoch": epoch,
+                                 **m, "time": elapsed})
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean([m['loss'] for m in per_seed]):.4g}",
+                            epoch=epoch)
+            epoch_done = first.batches.state["step_in_epoch"] == 0
+            save = (epoch_done or step == first.total or stop.requested
+                    or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
+            if epoch_done or save:
+                sync_states()
+            if epoch_done:
+                for r in runs:
+                    _end_of_epoch(r, step, epoch)
+            if save:
+                for r in runs:
+                    r.save()
+            if stop.requested:
+                _say(f"{stop.requested}: stopped at step {step}; checkpoints "
+                     f"saved in each seed's folder; continue with --resume")
+                return stop.requested
+    sync_states()
+    return None

@@ -51,6 +51,7 @@ class Stage2:
     trunk_bn: str = "batch"
     weights: losses.Stage2Weights = losses.Stage2Weights()
     fusion: str = "auto"
+    train_trunk: bool = False  # ablation (issue 10): the ResNet-34 trunk trains too
 
     name = "stage2"
     pretrained_kind = "resnet34"
@@ -71,7 +72,8 @@ class Stage2:
 
     def trainable(self, path) -> bool:
         return (path[0] == "frn"
-                or (path[0] == "student" and path[1] != "trunk"))
+                or (path[0] == "student"
+                    and (path[1] != "trunk" or self.train_trunk)))
 
     def init_variables(self, key, shape, teacher_variables,
                        imagenet: Optional[str] = None):
@@ -170,7 +172,8 @@ class Stage2:
         return {"stage": self.name, "teacher": configs.to_dict(self.teacher),
                 "student": configs.to_dict(self.student),
                 "frn": configs.to_dict(self.frn), "trunk_bn": self.trunk_bn,
-                "weights": self.weights._asdict(), "fusion": self.fusion}
+                "weights": self.weights._asdict(), "fusion": self.fusion,
+                "train_trunk": self.train_trunk}
 
 
 def task(teacher_config: FerdConfig, size: str = "full", **kwargs) -> Stage2:

@@ -157,3 +157,31 @@ def jit_init(model):
 
 def count(tree) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+# --- Seeds as an axis: K replicas, one vmapped step (issue 10) --------------------
+
+def stack_states(states) -> TrainState:
+    """K TrainStates of one structure -> one whose leaves have a leading K axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_state(stacked: TrainState, k: int) -> TrainState:
+    """Replica k of a stacked TrainState (a copy: the step donates `stacked`)."""
+    return jax.tree.map(lambda x: x[k], stacked)
+
+
+def jit_train_step_seeds(task, optimizer: AdamConfig, mesh=None):
+    """`step(stacked state, stacked batch) -> (stacked state, measurements)`:
+    `train_step` vmapped over axis 0 of the state and of the batch (K, N, H, W,
+    B), so K replicas (seeds) train in one jitted computation; each replica's
+    measurements come back with a leading K axis. With a `mesh`, the state
+    is replicated and each replica's batch split over 'data'."""
+    return _jit_train_step_seeds(task, optimizer, mesh)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_train_step_seeds(task, optimizer, mesh):
+    shardings = {} if mesh is None else parallel.seed_step_shardings(mesh)
+    step = jax.vmap(functools.partial(train_step, task.loss_fn, optimizer.build()))
+    return jax.jit(step, donate_argnums=0, **shardings)
