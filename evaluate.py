@@ -23,7 +23,9 @@ from fers_jax import cli, detectors, evaluation
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--scenes", nargs="+", required=True, metavar="PATH",
-                   help="scene files (.mat, .npz, .npy), folders of them, or HAD100 roots")
+                   help="scene files (.mat, .npz, .npy, ENVI .hdr), folders of them, "
+                        "or HAD100 roots; an ENVI scene's mask is <stem>_mask.npy, "
+                        ".png or .hdr beside its header")
     p.add_argument("--method", nargs="+", choices=evaluation.METHODS, default=None,
                    metavar="METHOD",
                    help=f"detector, one of {', '.join(evaluation.METHODS)} (default: "
@@ -80,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: found by name, else the only 3-D array)")
     p.add_argument("--gt-key", help="key of the mask in .mat/.npz files, when ambiguous "
                    "(default: found by name, else the only 2-D array)")
+    p.add_argument("--drop-bad-bands", action="store_true",
+                   help="ENVI scenes: drop the bands the header's bbl marks bad "
+                        "(before --start-band/--bands)")
     p.add_argument("--export", action="store_true",
                    help="also write spe_f/spa_f per scene to DIR/features/")
     p.add_argument("--tile", default="auto", metavar="H,W|auto|off",
@@ -90,6 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="FERD/FERS network arithmetic (bfloat16: for accelerators; "
                         "RX keeps --precision)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                   help="memory for one scene's computation; a scene that needs "
+                        "more runs out of core (read from disk in row blocks, RX "
+                        "inputs spilled to a temporary file, the same maps); a "
+                        "budget too small for one tile is refused with the "
+                        "smallest that works (default: a quarter of the RAM "
+                        "available at start)")
     p.add_argument("--no-shard", dest="shard", action="store_false",
                    help="run every batch on the first device alone, not "
                         "split over all of them (fers_jax.parallel)")

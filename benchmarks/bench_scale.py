@@ -3,7 +3,7 @@
 A synthetic 200-band scene, abu-airport-2's first 200 bands mirror-tiled
 (flipped copies side by side, so that there are no seams) to 100x100,
 256x256, 512x512, 1024x1024 and 2048x1024, normalised as the reference does
-(fers_jax.tiling.normalise_tiled: data.normalise's numbers without its
+(fers_jax.data.normalise_streamed: data.normalise's numbers without its
 float64 copy) and written once to a .npy file (by a helper process). Each
 method and size then runs in a fresh process that memory-maps that file,
 and reports its wall time and its peak resident memory: VmHWM of
@@ -88,7 +88,7 @@ def write_cube(folder: pathlib.Path, h: int, w: int) -> pathlib.Path:
         raw[r:r + rows] = mirror_tile(base, rows, w)
     raw.flush()
     out = np.lib.format.open_memmap(path, "w+", np.float32, (h, w, BANDS))
-    out[...] = tiling.normalise_tiled(raw, where="synthetic")
+    out[...] = data.normalise_streamed(raw, where="synthetic")
     out.flush()
     del raw, out
     (folder / "raw.npy").unlink()

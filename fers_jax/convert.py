@@ -363,7 +363,7 @@ def convert_file(kind: str, src, bands: Optional[int] = None, config=None):
 
 
 def main(argv=None):
-    from fers_jax import checkpoints  # saving needs orbax, converting does not
+    from fers_jax import checkpoint_store  # saving needs orbax, converting does not
     from fers_jax.cli import HelpFormatter
     parser = argparse.ArgumentParser(
         prog="python -m fers_jax.convert",
@@ -384,9 +384,9 @@ def main(argv=None):
                         help="replace an existing fers_jax checkpoint at --out")
     args = parser.parse_args(argv)
     variables, config = convert_file(args.kind, args.src, args.bands)
-    checkpoints.save_variables(
+    checkpoint_store.save_variables(
         args.out, variables,
-        checkpoints.model_meta(args.kind, config,
+        checkpoint_store.model_meta(args.kind, config,
                                source=os.path.abspath(args.src)),
         overwrite=args.overwrite)
     n = sum(np.size(v) for v in jax.tree.leaves(variables))

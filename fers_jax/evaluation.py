@@ -42,16 +42,16 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import jax
 import numpy as np
 
-from fers_jax import data, detectors, metrics, parallel
+from fers_jax import data, detectors, metrics, parallel, plan as planning
 from fers_jax.errors import InputError
+from fers_jax.plan import CLASSICAL, LEARNED, ScenePlan
 
-CLASSICAL = ("rx", "lrx", "crd")
-LEARNED = ("ferd", "fers")
 METHODS = CLASSICAL + LEARNED
 
-# A detector maps a normalised batch (N, H, W, B) to maps (N, H, W) and a
-# dict of per-image features to export (empty for the classical detectors).
-Detector = Callable[[np.ndarray], Tuple[np.ndarray, Dict[str, np.ndarray]]]
+# A detector maps a normalised batch (N, H, W, B) and its ScenePlan
+# (fers_jax.plan) to maps (N, H, W) and a dict of per-image features to
+# export (empty for the classical detectors).
+Detector = Callable[..., Tuple[np.ndarray, Dict[str, np.ndarray]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +78,13 @@ class EvalConfig:
     sensor: str = "aviris_ng"
     cube_key: Optional[str] = None
     gt_key: Optional[str] = None
+    drop_bad_bands: bool = False
     export: bool = False
     plots: bool = True
     tile: Any = "auto"
     dtype: str = "float32"
     shard: bool = True
+    memory_budget: Optional[float] = None  # GB; None: fers_jax.plan.default_budget
 
 
 def build_detector(cfg: EvalConfig) -> Tuple[Detector, EvalConfig]:
@@ -100,12 +102,12 @@ def build_detector(cfg: EvalConfig) -> Tuple[Detector, EvalConfig]:
         return _rx_detector(cfg, mesh), cfg
     if cfg.method == "lrx":
         conv = local_convention(cfg)
-        return (lambda x: (np.asarray(detectors.lrx(
+        return (lambda x, plan=None, **_: (np.asarray(detectors.lrx(
             x, cfg.inner, cfg.outer, border=conv.border, form=conv.lrx_form,
             delta=cfg.delta)), {})), cfg
     if cfg.method == "crd":
         conv = local_convention(cfg)
-        return (lambda x: (np.asarray(detectors.crd(
+        return (lambda x, plan=None, **_: (np.asarray(detectors.crd(
             x, cfg.inner, cfg.outer, cfg.lam, border=conv.border,
             form=conv.crd_form)), {})), cfg
     if cfg.method in LEARNED:
@@ -123,51 +125,95 @@ def local_convention(cfg: EvalConfig) -> detectors.Convention:
 
 
 def _rx_detector(cfg: EvalConfig, mesh) -> Detector:
-    """RX on whole images (a batch sharded over `mesh`), or streamed over
-    row chunks when tiling applies (detectors.rx_streaming: the same
-    statistics, bounded memory)."""
-    from fers_jax import tiling
-    precision = "float64" if cfg.precision == "auto" else cfg.precision
-
-    def detect(x):
-        if tiling.resolve_tile(cfg.tile, np.shape(x), "rx", precision) is not None:
-            return np.stack([np.asarray(detectors.rx_streaming(xi, precision))
+    """RX on whole images (a batch sharded over `mesh`), streamed over row
+    chunks when the plan tiles (detectors.rx_streaming: the same
+    statistics, bounded memory), or from disk when it says out of core."""
+    def detect(x, plan: Optional[ScenePlan] = None, **_):
+        plan = plan if plan is not None else planning.plan_for(cfg, np.shape(x))
+        if plan.path == "out-of-core":  # x: a tiling.LazyImage
+            return np.asarray(detectors.rx_streaming(
+                x.cube_view(), plan.rx_precision, plan.chunk_pixels))[None], {}
+        if plan.rx == "stream":
+            return np.stack([np.asarray(detectors.rx_streaming(xi, plan.rx_precision))
                              for xi in x]), {}
         xs, n = parallel.shard_padded(x, mesh)
-        return parallel.to_host(detectors.rx(xs, precision))[:n], {}
+        return parallel.to_host(detectors.rx(xs, plan.rx_precision))[:n], {}
     return detect
 
 
 def _batches(files: Sequence[pathlib.Path], cfgs: Sequence[EvalConfig]
-             ) -> Iterator[Tuple[List[data.Scene], Dict[tuple, np.ndarray]]]:
-    """Yields runs of consecutive same-shape scenes, at most batch_size each,
-    with their inputs per selection (bands, start_band, scaling) of `cfgs`
-    (`_selection`): each scene is loaded once, whatever the number of
-    methods."""
+             ) -> Iterator[Tuple[List[data.Scene], Dict[tuple, Any], List[ScenePlan]]]:
+    """Yields (scenes, inputs, plans): runs of consecutive same-shape scenes,
+    at most batch_size each, with their inputs per selection (bands,
+    start_band, scaling) of `cfgs` (`_selection`; each scene is opened once,
+    whatever the number of methods) and one plan per config
+    (fers_jax.plan.plan_for).
+
+    A scene that some method's plan runs out of core comes alone, its
+    reference-normalised inputs `tiling.LazyImage`s (normalised on the fly
+    from disk); a flight line (plan.is_flight_line) alone, normalised
+    without a float64 copy.
+    """
     from fers_jax import tiling
     first = cfgs[0]
     selections = list(dict.fromkeys(_selection(c) for c in cfgs))
     run, inputs, shapes = [], [], None
+
+    def flush():
+        batch = _stack(inputs)
+        return run, batch, [planning.plan_for(c, batch[_selection(c)].shape)
+                            for c in cfgs]
+
     for f in files:
-        scene = data.load_scene(f, first.cube_key, first.gt_key)
-        if scene.shape[0] * scene.shape[1] > tiling.AUTO_MAX_PIXELS:
-            # A flight line: normalised without a float64 copy, scored alone.
-            x = {sel: tiling.normalise_tiled(data.select_bands(
-                scene.cube, *sel[:2], scene.path), where=scene.path)
-                for sel in selections}
+        scene = data.open_scene(f, first.cube_key, first.gt_key, first.drop_bad_bands)
+        raw = {sel: data.select_bands(scene.cube, *sel[:2], scene.path) for sel in selections}
+        try:
+            plans = [planning.plan_for(c, (1,) + tuple(raw[_selection(c)].shape))
+                     for c in cfgs]
+        except InputError as e:  # a budget too small for this scene
+            raise InputError(f"{scene.path}: {e}") from None
+        if any(p.path == "out-of-core" for p in plans):
+            if run:
+                yield flush()
+                run, inputs, shapes = [], [], None
+            lazy = {}
+            for sel, cube in raw.items():
+                if sel[2] == "cube":  # LRX/CRD: in memory (their plan fits)
+                    lazy[sel] = _prepare(np.asarray(cube), (None, 0, "cube"),
+                                         scene.path)[None]
+                    continue
+                rows = _block_rows(cube.shape)
+                lo, hi = data.minmax_streamed(cube, rows, scene.path)
+                band = max((p.tile[0] + 16 for p in plans if p.tile), default=rows)
+                lazy[sel] = tiling.LazyImage(cube, lo, hi, band)
+            yield [scene], lazy, plans
+            continue
+        if planning.is_flight_line(scene.shape):
+            x = {sel: (data.normalise_streamed(cube, where=scene.path)
+                       if sel[2] != "cube" else _prepare(np.asarray(cube),
+                                                         (None, 0, "cube"), scene.path))
+                 for sel, cube in raw.items()}
             limit = 1
         else:
+            if isinstance(scene.cube, data.DiskCube):
+                scene = dataclasses.replace(scene, cube=data.check_cube(
+                    np.asarray(scene.cube), scene.cube.where))
             x = {sel: _prepare(scene.cube, sel, scene.path) for sel in selections}
             limit = first.batch_size
         key = tuple(v.shape for v in x.values())
         if inputs and (key != shapes or len(run) >= limit):
-            yield run, _stack(inputs)
+            yield flush()
             run, inputs = [], []
         run.append(scene)
         inputs.append(x)
         shapes = key
     if run:
-        yield run, _stack(inputs)
+        yield flush()
+
+
+def _block_rows(shape) -> int:
+    """Rows per block of a streamed pass: about 32 MB of float32."""
+    return max(1, (32 << 20) // max(1, 4 * int(shape[1]) * int(shape[2])))
 
 
 def _selection(cfg: EvalConfig) -> tuple:
@@ -201,22 +247,22 @@ def _stack(inputs: List[Dict[tuple, np.ndarray]]) -> Dict[tuple, np.ndarray]:
     return {sel: np.stack([x[sel] for x in inputs]) for sel in inputs[0]}
 
 
-def _timed(detector: Detector, batch: np.ndarray, seen_shapes: set):
+def _timed(detector: Detector, batch, plan: ScenePlan, seen_shapes: set, **kw):
     """Runs the detector; returns outputs, run seconds and compile seconds.
 
     The first batch of a new shape is run twice: the first call pays tracing
     and compilation, the second is what every later batch of that shape costs.
-    A flight line (above tiling.AUTO_MAX_PIXELS pixels) is run once: its
-    seconds include the compilation, reported as 0.
+    A flight line (fers_jax.plan.is_flight_line) or a scene out of core is
+    run once: its seconds include the compilation, reported as 0.
     """
-    from fers_jax import tiling
     def once():
         start = time.perf_counter()
-        maps, extras = detector(batch)
+        maps, extras = detector(batch, plan, **kw)
         return maps, extras, time.perf_counter() - start
-    key = batch.shape
+    key = tuple(batch.shape)
     maps, extras, first = once()
-    if key in seen_shapes or batch.shape[1] * batch.shape[2] > tiling.AUTO_MAX_PIXELS:
+    if (key in seen_shapes or plan.path == "out-of-core"
+            or planning.is_flight_line(batch.shape[1:3])):
         seen_shapes.add(key)
         return maps, extras, first, 0.0
     seen_shapes.add(key)
@@ -337,7 +383,8 @@ def evaluate(scene_paths: Iterable, out, cfg: EvalConfig,
             curves[name] = metrics.roc_curve(score_map, scene.gt)
         from fers_jax import plots
         plots.save_map(stage / "maps" / f"{name}.png", score_map,
-                       scene.gt, title=f"{name} ({cfg.method})")
+                       scene.gt, title=f"{name} ({cfg.method})",
+                       max_side=PREVIEW_MAX_SIDE)
     with _staging(out) as stage:
         _score(files, [method], stage, progress, scored if cfg.plots else None)
         results = _summary(method.cfg, method.rows)
@@ -379,7 +426,7 @@ def compare(scene_paths: Iterable, out, cfgs: Sequence[EvalConfig],
     def scored(scene, name, maps, stage):
         from fers_jax import plots
         plots.save_maps(stage / "maps" / f"{name}.png", maps, scene.gt,
-                        title=name)
+                        title=name, max_side=PREVIEW_MAX_SIDE)
         if metrics.check_scorable(scene.gt) is None:
             (stage / "roc").mkdir(exist_ok=True)
             plots.save_roc(stage / "roc" / f"{name}.png",
@@ -412,21 +459,29 @@ def _score(files, methods: List[_Method], stage: pathlib.Path, progress: bool,
     # As a context: a failure mid-run closes the bar first, so that the
     # error is printed on a line of its own.
     with _progress(len(files), desc, progress) as bar:
-        for scenes, inputs in _batches(files, [m.cfg for m in methods]):
+        for scenes, inputs, plans in _batches(files, [m.cfg for m in methods]):
             outputs = {}
-            for m in methods:
+            for m, plan in zip(methods, plans):
                 batch = inputs[_selection(m.cfg)]
+                if plan.path != "out-of-core" and not isinstance(batch, np.ndarray):
+                    batch = np.asarray(batch)  # this method fits in memory
+                spill = stage / ".spill"
+                spill.mkdir(exist_ok=True)
                 try:
-                    outputs[m.label] = _timed(m.detector, batch, m.seen_shapes)
+                    outputs[m.label] = _timed(
+                        m.detector, batch, plan, m.seen_shapes, spill_dir=spill,
+                        progress=progress and plan.path != "whole")
                 except InputError as e:  # e.g. a window larger than this scene
                     more = (f" (and {len(scenes) - 1} more)"
                             if len(scenes) > 1 else "")
                     which = "" if single else f"{m.label}: "
                     raise InputError(f"{scenes[0].path}{more}: {which}{e}") from None
+                finally:
+                    shutil.rmtree(spill, ignore_errors=True)
             for i, scene in enumerate(scenes):
                 name = _unique_name(scene.name, names)
                 maps = {}
-                for m in methods:
+                for m, plan in zip(methods, plans):
                     all_maps, extras, seconds, compile_s = outputs[m.label]
                     maps[m.label] = np.asarray(all_maps[i], np.float32)
                     m.rows.append({
@@ -434,8 +489,11 @@ def _score(files, methods: List[_Method], stage: pathlib.Path, progress: bool,
                         **metrics.scene_metrics(all_maps[i], scene.gt, scene.path),
                         "seconds": seconds / len(scenes),
                         "compile_seconds": compile_s if i == 0 else 0.0,
-                        "path": scene.path})
-                    np.save(folder[m.label] / f"{name}.npy", maps[m.label])
+                        "plan": {"path": plan.path, "tile": plan.tile,
+                                 "fusion": plan.fusion, "rx": plan.rx,
+                                 "rx_precision": plan.rx_precision},
+                        "path": scene.path, **_wavelengths(scene, m.cfg)})
+                    save_npy_blocks(folder[m.label] / f"{name}.npy", maps[m.label])
                     if extras:
                         _export(stage, name if single else f"{m.label}/{name}",
                                 {k: v[i] for k, v in extras.items()})
@@ -465,6 +523,30 @@ def _best(values: Dict[str, Optional[float]]) -> list:
     return [k for k, v in shown.items() if v == top]
 
 
+PREVIEW_MAX_SIDE = 1024  # larger maps get a downsampled PNG preview
+
+
+def save_npy_blocks(path, a: np.ndarray, rows: int = 256) -> None:
+    """np.save's .npy, written a block of rows at a time (no full-size
+    temporary, whatever `a` is: an array or a memory map)."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(a.dtype)),
+              "fortran_order": False, "shape": tuple(a.shape)}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for r in range(0, a.shape[0], rows):
+            f.write(np.ascontiguousarray(a[r:r + rows]).tobytes())
+
+
+def _wavelengths(scene: data.Scene, cfg: EvalConfig) -> dict:
+    """The wavelengths of the bands a method used (ENVI scenes), for results.json."""
+    if scene.wavelengths is None:
+        return {}
+    used = list(scene.wavelengths)[cfg.start_band:]
+    if cfg.bands is not None:
+        used = used[:cfg.bands]
+    return {"wavelengths": used, "wavelength_units": scene.wavelength_units}
+
+
 def _export(out: pathlib.Path, name: str, features: Dict[str, np.ndarray]) -> None:
     path = out / "features" / f"{name}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -474,7 +556,9 @@ def _export(out: pathlib.Path, name: str, features: Dict[str, np.ndarray]) -> No
 
 def _summary(cfg: EvalConfig, rows: list) -> dict:
     aucs = [r["auc"] for r in rows if r["auc"] is not None]
+    paths = sorted({r["plan"]["path"] for r in rows})
     return {"method": cfg.method, "bands": cfg.bands, "start_band": cfg.start_band,
+            "paths": paths, "memory_budget_gb": cfg.memory_budget,
             "device": device_description(),
             "mean_auc": float(np.mean(aucs)) if aucs else None,
             "scored_scenes": len(aucs),
@@ -512,10 +596,14 @@ def config_from_args(args) -> EvalConfig:
     local_convention(cfg)  # checks --convention, --border, --*-form
     if not (np.isfinite(cfg.delta) and cfg.delta > 0):
         raise InputError(f"--delta must be > 0, got {cfg.delta}")
-    from fers_jax import tiling
     if not (isinstance(cfg.tile, str) and cfg.tile.strip().lower() == "auto"):
-        tile = tiling.parse_tile(cfg.tile)
+        tile = planning.parse_tile(cfg.tile)
         cfg = dataclasses.replace(cfg, tile=list(tile) if tile else "off")
+    if cfg.memory_budget is None:
+        cfg = dataclasses.replace(cfg, memory_budget=round(
+            planning.default_budget() / 1e9, 3))
+    elif not cfg.memory_budget > 0:
+        raise InputError(f"--memory-budget must be positive (GB), got {cfg.memory_budget}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise InputError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     return cfg

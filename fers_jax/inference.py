@@ -16,27 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fers_jax import checkpoints, detectors, parallel
+from fers_jax import checkpoints, detectors, parallel, tiling
 from fers_jax.errors import InputError
-
-FUSIONS = ("auto", "sum", "product")
-PRODUCT_MAX_BANDS = 50  # the reference fuses by product at 50 bands and below
-
-
-def resolve_fusion(fusion: str, bands: int) -> str:
-    if fusion not in FUSIONS:
-        raise InputError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-    if fusion == "auto":
-        return "product" if bands <= PRODUCT_MAX_BANDS else "sum"
-    return fusion
-
-
-def resolve_precision(precision: str, fusion: str) -> str:
-    """'auto' follows the reference: float32 RX on the product path only."""
-    if precision == "auto":
-        return "float32" if fusion == "product" else "float64"
-    return precision
-
+from fers_jax.plan import ScenePlan, plan_for, resolve_fusion, resolve_precision
 
 DTYPES = ("float32", "bfloat16")
 
@@ -71,7 +53,6 @@ class FeatureExtractor:
 
     def tiled(self, tile, trunk_tile=None):
         """The same features tile by tile (fers_jax.tiling.TiledFeatures)."""
-        from fers_jax import tiling
         return tiling.TiledFeatures(self.teacher, self.t_vars, self.student,
                                     self.s_vars, tile, trunk_tile,
                                     dtype=self.dtype,
@@ -174,44 +155,40 @@ def fers_map(x, spe_f, spa_f, fusion: str, precision: str = "auto"):
 def build_detector(cfg, mesh=None) -> Tuple[Callable, int]:
     """The evaluation detector for cfg.method 'ferd' or 'fers'.
 
-    Whole images by default; tile by tile (fers_jax.tiling, same maps to
-    float32 rounding) where `cfg.tile` is (H, W), or where it is 'auto' and
-    tiling.auto_tile says a batch is too large. Whole-image batches are
-    sharded over `mesh` (fers_jax.parallel.make_mesh; default: one device),
-    padded to a multiple of its size.
+    The detector computes what its ScenePlan says (fers_jax.plan): whole
+    images, or tile by tile (fers_jax.tiling, same maps to float32
+    rounding). Whole-image batches are sharded over `mesh`
+    (fers_jax.parallel.make_mesh; default: one device), padded to a
+    multiple of its size.
 
     Returns:
-      (detector, bands): detector(x (N, H, W, B)) -> (maps, features), and the
-      band count the checkpoint was trained for.
+      (detector, bands): detector(x (N, H, W, B), plan=None, spill_dir=None,
+      progress=False) -> (maps, features), the plan defaulting to
+      `plan_for(cfg, x.shape)` (out of core: x a tiling.LazyImage, RX inputs
+      spilled to `spill_dir`; `progress`: a bar over tiles); and the band
+      count the checkpoint was trained for.
     """
-    from fers_jax import tiling
     student = cfg.student if cfg.method == "fers" else None
     mesh = mesh if mesh is not None else parallel.one_device_mesh()
     extractor = feature_extractor(cfg.teacher, student, cfg.bands,
                                   getattr(cfg, "dtype", "float32"), mesh)
-    tile_opt = getattr(cfg, "tile", None)
     tiled = {}
 
-    def rx_precision(bands):
-        if cfg.method == "ferd":
-            return "float64" if cfg.precision == "auto" else cfg.precision
-        return resolve_precision(cfg.precision, resolve_fusion(cfg.fusion, bands))
-
-    def detect(x):
-        tile = tiling.resolve_tile(tile_opt, np.shape(x), cfg.method,
-                                   rx_precision(np.shape(x)[-1]))
-        if tile is not None:
-            if tile not in tiled:
-                tiled[tile] = extractor.tiled(tile)
-            return tiling.detect_tiled(tiled[tile], x, cfg.method, cfg.fusion,
-                                       cfg.precision, export=cfg.export)
+    def detect(x, plan: Optional[ScenePlan] = None, spill_dir=None,
+               progress: bool = False):
+        plan = plan if plan is not None else plan_for(cfg, np.shape(x))
+        if plan.tiled:
+            if plan.tile not in tiled:
+                tiled[plan.tile] = extractor.tiled(plan.tile)
+            return tiling.detect_tiled(tiled[plan.tile], x, plan, export=cfg.export,
+                                       spill_dir=spill_dir, progress=progress)
         xs, n = parallel.shard_padded(x, mesh)
         feats = extractor(xs)
         if cfg.method == "ferd":
-            maps = ferd_map(xs, feats["spe_f"], rx_precision(x.shape[-1]))
+            maps = ferd_map(xs, feats["spe_f"], plan.rx_precision)
         else:
-            maps = fers_map(xs, feats["spe_f"], feats["spa_f"], cfg.fusion,
-                            cfg.precision)
+            maps = fers_map(xs, feats["spe_f"], feats["spa_f"], plan.fusion,
+                            plan.rx_precision)
         features = ({k: parallel.to_host(v)[:n] for k, v in feats.items()}
                     if cfg.export else {})
         return parallel.to_host(maps)[:n], features

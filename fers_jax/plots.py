@@ -12,8 +12,14 @@ import numpy as np  # noqa: E402
 
 
 def save_map(path, score_map: np.ndarray, gt: Optional[np.ndarray],
-             title: str = "") -> None:
-    """Writes the detection map (and the ground truth beside it) as a PNG."""
+             title: str = "", max_side: Optional[int] = None) -> None:
+    """Writes the detection map (and the ground truth beside it) as a PNG.
+
+    A map larger than `max_side` pixels on a side is shown as a preview
+    downsampled by block maxima (so that small anomalies and high scores
+    stay visible); the full map is the .npy.
+    """
+    score_map, gt, title = preview(score_map, gt, title, max_side)
     panels = 2 if gt is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.2), squeeze=False)
     axes[0, 0].imshow(score_map, cmap="magma")
@@ -29,13 +35,16 @@ def save_map(path, score_map: np.ndarray, gt: Optional[np.ndarray],
 
 
 def save_maps(path, maps: Dict[str, np.ndarray], gt: Optional[np.ndarray],
-              title: str = "") -> None:
+              title: str = "", max_side: Optional[int] = None) -> None:
     """Writes several methods' maps of one scene side by side (and its mask).
 
     The methods' scores live on different scales (Mahalanobis distances, a
     product of scaled maps): each map is min-max scaled to [0, 1] so that
     one colour bar reads them all.
     """
+    if max_side is not None:  # large scenes: previews (see `preview`)
+        maps = {k: preview(v, None, "", max_side)[0] for k, v in maps.items()}
+        gt = None if gt is None else preview(gt, None, "", max_side)[0]
     first = int(gt is not None)  # the mask leads, the maps and their bar follow
     fig, axes = plt.subplots(1, len(maps) + first,
                              figsize=(2.8 * (len(maps) + first) + 0.8, 3.2),
@@ -58,6 +67,23 @@ def save_maps(path, maps: Dict[str, np.ndarray], gt: Optional[np.ndarray],
                  label="score (min-max scaled per map)")
     fig.savefig(pathlib.Path(path), dpi=100)
     plt.close(fig)
+
+
+def preview(score_map, gt, title: str, max_side: Optional[int]):
+    """(map, mask, title) downsampled by block maxima to at most `max_side`
+    pixels a side (unchanged when smaller or max_side is None)."""
+    step = 1 if max_side is None else -(-max(np.shape(score_map)) // max_side)
+    if step <= 1:
+        return score_map, gt, title
+    gt = None if gt is None else _block_max(gt, step)
+    return _block_max(score_map, step), gt, f"{title} (preview 1:{step})"
+
+
+def _block_max(a: np.ndarray, step: int) -> np.ndarray:
+    h, w = a.shape
+    hp, wp = -(-h // step) * step, -(-w // step) * step
+    padded = np.pad(np.asarray(a, np.float32), ((0, hp - h), (0, wp - w)), mode="edge")
+    return padded.reshape(hp // step, step, wp // step, step).max(axis=(1, 3))
 
 
 def save_roc(path, curves: Dict[str, tuple], title: str = "ROC") -> None:

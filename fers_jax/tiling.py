@@ -57,27 +57,31 @@ input (x + features, the size of x; two on the 50-band product path), the
 bounded by the tile (teacher ~5 KB per tile pixel) and the trunk window
 (`trunk_tile` + 2 x 288 pixels a side, ~80 bytes per pixel).
 
-Also here: `normalise_tiled` (the reference normalisation without the
-float64 copy of the cube), and `estimate_bytes` and `auto_tile` (when to
-tile). Whole-image batches are sharded over devices by fers_jax.parallel.
+The network pieces that run on tiles and windows (WindowTeacher, ToRGB,
+Trunk, SPPTile) and the models' receptive fields are in
+fers_jax.models.tiled; when to tile is decided in fers_jax.plan. The reference
+normalisation without a float64 copy of the cube is
+fers_jax.data.normalise_streamed. Whole-image batches are sharded over devices by
+fers_jax.parallel.
 """
 
 import dataclasses
 import functools
 import os
+import pathlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fers_jax import detectors
-from fers_jax.configs import FerdConfig, StudentConfig
 from fers_jax.errors import InputError
 from fers_jax.models import layers
-from fers_jax.models.student import Conv2RGB, ResNetTrunk
-from fers_jax.models.teacher import ConvH
+from fers_jax.models.tiled import (SPPTile, ToRGB, Trunk, WindowTeacher,
+                                   resize_paths, teacher_radius, trunk_halo,
+                                   trunk_stride)
+from fers_jax.plan import ScenePlan, parse_tile  # noqa: F401 (parse_tile: API)
 
 Span = Tuple[int, int, int, int]  # start, stop, own_start, own_stop
 
@@ -104,26 +108,6 @@ def spans(size: int, tile: int) -> List[Span]:
     return out
 
 
-def parse_tile(text) -> Optional[Tuple[int, int]]:
-    """'H,W' (or 'N' for N,N) -> (H, W); None / '' / 'none' -> None."""
-    if text is None:
-        return None
-    if isinstance(text, (tuple, list)):
-        text = ",".join(str(t) for t in text)
-    text = str(text).strip().lower()
-    if text in ("", "none", "off"):
-        return None
-    try:
-        parts = [int(p) for p in text.replace("x", ",").split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise InputError(f"--tile must be H,W (positive ints), got {text!r}")
-    return tuple(parts)
-
-
 def _reflect_index(n: int, pad: int, start: int, stop: int) -> np.ndarray:
     """Image indices of rows [start, stop) of the image reflect-padded by pad.
 
@@ -132,140 +116,6 @@ def _reflect_index(n: int, pad: int, start: int, stop: int) -> np.ndarray:
     """
     i = np.abs(np.arange(start, stop) - pad)
     return np.where(i > n - 1, 2 * (n - 1) - i, i)
-
-
-# --- Module pieces sharing the whole models' variable names -----------------
-
-class WindowTeacher(nn.Module):
-    """The SpectralTeacher on a window of the already reflect-padded image.
-
-    (N, th + 2 pad, tw + 2 pad, B) -> spe_f (N, th, tw, B). Same variables
-    as SpectralTeacher; ConvH runs with pad 0 (nothing is re-padded).
-    """
-    config: FerdConfig
-
-    @nn.compact
-    def __call__(self, xp):
-        cfg = self.config
-        x = ConvH(cfg.stem_width, 0, name="convh")(xp)
-        (a,) = layers.ResNetStages(cfg.encoder_blocks[:1], cfg.expansion,
-                                   cfg.width_per_group, name="encoder")(x, False)
-        a = layers.crop(a, cfg.pad)
-        return layers.PixelHead(cfg.head_width, cfg.bands, name="head")(a)
-
-
-class _ToRGB(nn.Module):
-    config: StudentConfig
-
-    @nn.compact
-    def __call__(self, x):
-        return Conv2RGB(self.config.rgb_width, name="to_rgb")(x)
-
-
-class _Trunk(nn.Module):
-    config: StudentConfig
-
-    @nn.compact
-    def __call__(self, rgb):
-        cfg = self.config
-        return ResNetTrunk(cfg.trunk_blocks, cfg.stem_width, name="trunk")(rgb, False)
-
-
-class _SEWeights(nn.Module):
-    """SqueezeExcitation's channel weights from a given mean (names fc1, fc2)."""
-    reduction: int
-
-    @nn.compact
-    def __call__(self, mean):
-        c = mean.shape[-1]
-        conv = lambda f, name: layers.conv1x1(f, kernel_init=layers.spec_uniform,
-                                              name=name)
-        s = nn.relu(conv(c // self.reduction, "fc1")(mean))
-        return nn.sigmoid(conv(c, "fc2")(s))
-
-
-class SPPTile(nn.Module):
-    """LightSPP on one output tile, given the pooled pyramid; variables of
-    the student's `spp` (fuse1, fuse2, se/fc1, se/fc2).
-
-    `pre_se(pooled, rows, cols, paths)`: resize rows/cols matrices are the
-    tile's rows of layers.bilinear_matrix(level, H) / (level, W), `paths`
-    the einsum contraction orders the whole image's resize uses (see
-    `resize_paths`); returns the tile's features before the
-    squeeze-excitation. Calling it on a mean gives the SE channel weights.
-    """
-    config: StudentConfig
-
-    def setup(self):
-        cfg = self.config
-        self.fuse1 = layers.conv1x1(cfg.spp_width, kernel_init=layers.spec_uniform)
-        self.fuse2 = layers.conv1x1(cfg.bands, kernel_init=layers.spec_uniform)
-        self.se = _SEWeights(cfg.se_reduction)
-
-    def pre_se(self, pooled, rows, cols, paths):
-        pyramid = [jnp.einsum("oh,pw,nhwc->nopc", mh, mw, p, optimize=list(path),
-                              precision=jax.lax.Precision.HIGHEST)
-                   for p, mh, mw, path in zip(pooled, rows, cols, paths)]
-        x = jnp.concatenate(pyramid, axis=-1)
-        return nn.relu(self.fuse2(nn.relu(self.fuse1(x))))
-
-    def __call__(self, mean):
-        return self.se(mean)
-
-
-def resize_paths(levels: Sequence[int], shape: Sequence[int], channels: int):
-    """The contraction order jnp.einsum picks for layers.resize_bilinear of
-    each pooled level to the whole image's `shape`.
-
-    A tile's resize uses fewer rows of the same matrices; left to itself
-    opt_einsum would pick another order for those shapes (contracting W
-    before H, say) and round differently (~4e-7 relative). Forced to the
-    whole image's order, the tile's values are the whole image's bit for bit.
-    """
-    paths = []
-    for s in levels:
-        path, _ = jnp.einsum_path(
-            "oh,pw,nhwc->nopc", np.empty((shape[0], s), np.float32),
-            np.empty((shape[1], s), np.float32),
-            np.empty((1, s, s, channels), np.float32), optimize="auto")
-        paths.append(tuple(tuple(step) for step in path))
-    return tuple(paths)
-
-
-# --- Receptive fields -------------------------------------------------------
-
-def trunk_stride(config: StudentConfig) -> int:
-    """Pixels per trunk output cell: stem 2, max pool 2, each later stage 2."""
-    return 4 * 2 ** (len(config.trunk_blocks) - 1)
-
-
-def trunk_reach(config: StudentConfig) -> int:
-    """P: trunk output cell c sees input pixels [stride c - P, stride c + P].
-
-    Sum over the layers of their padding times the jump (pixels per step)
-    of their input: the 7x7 stem (pad 3, jump 1), the 3x3 max pool (pad 1,
-    jump 2), and per basic block two 3x3 convs (pad 1; the first conv of a
-    strided stage at the stage's input jump, everything after at twice it).
-    The 1x1 stride-2 shortcuts read pixel 2c only and add nothing.
-    """
-    reach, jump = 3 + 1 * 2, 4
-    for i, n in enumerate(config.trunk_blocks):
-        if i == 0:
-            reach += 2 * n * jump
-        else:
-            reach += jump + (2 * n - 1) * 2 * jump
-            jump *= 2
-    return reach
-
-
-def trunk_halo(config: StudentConfig) -> int:
-    """Trunk cells of halo a window needs on an interior side (18 for ResNet-34)."""
-    return -(-trunk_reach(config) // trunk_stride(config))
-
-
-def teacher_radius(config: FerdConfig) -> int:
-    """Receptive radius of the teacher's layer1: one 3x3 conv per bottleneck."""
-    return config.encoder_blocks[0]
 
 
 def trunk_windows(size: int, tile: int, stride: int, halo: int
@@ -358,8 +208,8 @@ class TiledFeatures:
                                     for t in tt)
             self.s_vars = _cast(s_vars, self.dtype)
             self.spp_vars = {"params": self.s_vars["params"]["spp"]}
-            self._rgb = jax.jit(self._make(_ToRGB(cfg)))
-            self._trunk = jax.jit(self._make(_Trunk(cfg)))
+            self._rgb = jax.jit(self._make(ToRGB(cfg)))
+            self._trunk = jax.jit(self._make(Trunk(cfg)))
             spp = SPPTile(cfg)
             dt = self.dtype
             self._pool = jax.jit(lambda f: [layers.adaptive_avg_pool(f.astype(dt), s)
@@ -484,30 +334,22 @@ def _own_part(t, rows: Span, cols: Span):
 
 # --- Tiled detection --------------------------------------------------------
 
-RX_WHOLE_MAX_BYTES = 1 << 30  # rx='auto': whole-image RX up to this estimate
-
-
-def _whole_rx_fits(shape_hwb, precision: str) -> bool:
-    """Whether `detectors.rx` of one cube stays under RX_WHOLE_MAX_BYTES (and
-    AUTO_MEMORY_FRACTION of the device): the cast cube, the centred one and
-    the product, in the precision's dtype."""
-    h, w, b = shape_hwb
-    need = 3 * h * w * b * (8 if precision == "float64" else 4)
-    return need <= min(RX_WHOLE_MAX_BYTES,
-                       AUTO_MEMORY_FRACTION * device_memory_bytes())
-
-
-def detect_tiled(feats: TiledFeatures, x, method: str, fusion: str = "auto",
-                 precision: str = "auto", export: bool = False, rx: str = "auto",
-                 chunk_pixels: Optional[int] = None):
-    """FERD / FERS maps of x (N, H, W, B) with tiled features.
+def detect_tiled(feats: TiledFeatures, x, plan: ScenePlan, export: bool = False,
+                 chunk_pixels: Optional[int] = None, spill_dir=None,
+                 progress: bool = False):
+    """FERD / FERS maps of x (N, H, W, B) with tiled features, as `plan` says
+    (fers_jax.plan.plan_scene: fusion, RX precision, RX whole or streamed).
 
     Images are done one at a time. Each RX input (x + features, added in
     float32 in the whole-image order) is written tile by tile into a float32
     cube of x's size, then scored: by `detectors.rx_streaming` (statistics
-    accumulated over row chunks of `chunk_pixels`) where rx='stream', or
-    where rx='auto' and the whole-image RX of the cube would not fit
-    (`_whole_rx_fits`); else by the whole-image `detectors.rx`.
+    accumulated over row chunks of `chunk_pixels`) where plan.rx is
+    'stream', else by the whole-image `detectors.rx`.
+
+    Out of core (plan.path 'out-of-core'): x is a `LazyImage` (rows read
+    from disk and normalised on demand) and each RX input cube is spilled
+    to a file in `spill_dir` (`SpillCube`), written tile by tile and read
+    back in row blocks by the streamed RX: features are computed once.
 
     Why not always stream: in float64 streaming and whole-image RX give the
     same maps (~1e-10 relative, the same AUCs), but the float32 RX of the
@@ -520,46 +362,42 @@ def detect_tiled(feats: TiledFeatures, x, method: str, fusion: str = "auto",
       (maps (N, H, W) in RX's precision, features dict of (N, H, W, B)
       arrays if `export` else {}).
     """
-    from fers_jax import inference
-    if rx not in ("auto", "whole", "stream"):
-        raise InputError(f"rx must be 'auto', 'whole' or 'stream', got {rx!r}")
+    if plan.method not in ("ferd", "fers"):
+        raise InputError(f"tiled detection is for ferd and fers, not {plan.method!r}")
+    spill = plan.path == "out-of-core"
+    if spill and (spill_dir is None or export):
+        raise InputError("out-of-core detection needs a spill folder and cannot "
+                         "export features (--export needs the scene in memory)")
     n, h, w, b = x.shape
-    if method == "ferd":
-        fusion = "ferd"
-        precision = "float64" if precision == "auto" else precision
-        names = ("x+spe",)
-    elif method == "fers":
-        fusion = inference.resolve_fusion(fusion, b)
-        precision = inference.resolve_precision(precision, fusion)
-        names = ("x+spe+spa",) if fusion == "sum" else ("x+spa", "x+spe")
-    else:
-        raise InputError(f"tiled detection is for ferd and fers, not {method!r}")
-    stream = rx == "stream" or (rx == "auto" and not _whole_rx_fits((h, w, b), precision))
+    names, fusion = plan.rx_inputs, plan.fusion
     maps, exported = [], {}
     for i in range(n):
-        xi = x[i:i + 1]
-        cubes = {k: np.empty((1, h, w, b), np.float32) for k in names}
+        xi = x if n == 1 else x[i:i + 1]
+        cubes = {k: (SpillCube(pathlib.Path(spill_dir) / f"{k}.npy", (h, w, b)) if spill
+                     else np.empty((1, h, w, b), np.float32)) for k in names}
         keep = {}
-        for rows, cols, f in feats.tiles(xi, student=(method == "fers")):
+        tiles = feats.tiles(xi, student=(plan.method == "fers"))
+        for rows, cols, f in _tile_bar(tiles, h, w, feats.tile, progress):
             xt = _own_part(np.asarray(xi[:, rows[0]:rows[1], cols[0]:cols[1]],
                                       np.float32), rows, cols)
             f = {k: _own_part(np.asarray(v), rows, cols) for k, v in f.items()}
-            if fusion == "ferd":
-                _own(cubes["x+spe"], rows, cols)[...] = xt + f["spe_f"]
-            elif fusion == "sum":
-                _own(cubes["x+spe+spa"], rows, cols)[...] = (xt + f["spe_f"]) + f["spa_f"]
-            else:
-                _own(cubes["x+spa"], rows, cols)[...] = xt + f["spa_f"]
-                _own(cubes["x+spe"], rows, cols)[...] = xt + f["spe_f"]
+            for k, v in rx_input_tiles(xt, f, fusion).items():
+                if spill:
+                    cubes[k].write(rows[2], cols[2], v[0])
+                else:
+                    _own(cubes[k], rows, cols)[...] = v
             if export:
                 for k, v in f.items():
                     keep.setdefault(k, np.empty((1, h, w, b), np.float32))
                     _own(keep[k], rows, cols)[...] = v
         scores = []
         for k in names:
-            cube = cubes.pop(k)[0]
-            scores.append(detectors.rx_streaming(cube, precision, chunk_pixels)
-                          if stream else np.asarray(detectors.rx(cube, precision)))
+            cube = cubes.pop(k)
+            cube = cube.reader() if spill else cube[0]
+            scores.append(detectors.rx_streaming(cube, plan.rx_precision,
+                                                 chunk_pixels or plan.chunk_pixels)
+                          if plan.rx == "stream"
+                          else np.asarray(detectors.rx(cube, plan.rx_precision)))
             del cube
         maps.append(scores[0] if len(scores) == 1 else
                     np.asarray(detectors.fuse(scores, "product")))
@@ -569,103 +407,119 @@ def detect_tiled(feats: TiledFeatures, x, method: str, fusion: str = "auto",
     return np.stack(maps), features
 
 
-# --- The reference normalisation, streamed ----------------------------------
+def _tile_bar(tiles, h, w, tile, enabled: bool):
+    """The tiles with a progress bar (count, rate and ETA) when enabled."""
+    if not enabled:
+        return tiles
+    from tqdm import tqdm
+    total = len(spans(h, tile[0])) * len(spans(w, tile[1]))
+    return tqdm(tiles, total=total, desc="tiles", unit="tile", leave=False,
+                dynamic_ncols=True)
 
-def normalise_tiled(cube, rows: int = 128, where="cube") -> np.ndarray:
-    """data.normalise of one (H, W, B) cube without its float64 copy.
 
-    Same arithmetic (float64 per value, float32 out), so the same numbers;
-    the cube may be a memory map. `rows` rows at a time: first the min and
-    max, then the scaling.
+# --- Out of core --------------------------------------------------------------
+
+class LazyImage:
+    """One normalised image (1, H, W, B) read from a cube on disk on demand.
+
+    `cube` is anything read by blocks of rows (data.DiskCube, an array);
+    rows come back normalised with the image's global (lo, hi)
+    (data.normalise_rows: the in-memory normalisation's numbers). The last
+    block read is kept, at least `band_rows` rows, so the tiles of one row
+    of tiles (and their halos) read the file once.
     """
-    h = cube.shape[0]
-    lo, hi = np.inf, -np.inf
-    for r in range(0, h, rows):
-        part = np.asarray(cube[r:r + rows], np.float64)
-        lo, hi = min(lo, part.min()), max(hi, part.max())
-    if hi == lo:
-        raise InputError(f"{where}: the cube is constant (every value "
-                         f"{float(lo)}): nothing to normalise or detect")
-    out = np.empty(cube.shape, np.float32)
-    for r in range(0, h, rows):
-        part = np.asarray(cube[r:r + rows], np.float64)
-        out[r:r + rows] = ((part - lo) / (hi - lo) * 2.0 - 1.0) * 0.1
-    return out
+
+    ndim = 4
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, cube, lo: float, hi: float, band_rows: int = 64):
+        self.cube, self.lo, self.hi = cube, lo, hi
+        self.shape = (1,) + tuple(cube.shape)
+        self.band_rows = int(band_rows)
+        self._start, self._block = 0, np.empty((0,) + self.shape[2:], np.float32)
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        """Normalised rows [r0, r1) as an (r1 - r0, W, B) array."""
+        stop = self._start + self._block.shape[0]
+        if not (self._start <= r0 and r1 <= stop):
+            from fers_jax import data
+            self._block = None  # release the old block before reading the next
+            end = min(self.shape[1], max(r1, r0 + self.band_rows))
+            self._start = r0
+            self._block = data.normalise_rows(self.cube[r0:end], self.lo, self.hi)
+        return self._block[r0 - self._start:r1 - self._start]
+
+    def __array__(self, dtype=None, copy=None):
+        """The whole normalised image (1, H, W, B), for a method that fits
+        in memory."""
+        out = np.empty(self.shape, np.float32)
+        for r in range(0, self.shape[1], self.band_rows):
+            out[0, r:r + self.band_rows] = self.rows(r, min(self.shape[1], r + self.band_rows))
+        return out if dtype is None else out.astype(dtype)
+
+    def cube_view(self) -> "_Rows":
+        """The image as an (H, W, B) cube read in row blocks (for RX)."""
+        return _Rows(self)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) == 1:
+            if key[0] in (slice(None), slice(0, 1)):
+                return self
+            raise IndexError("a LazyImage holds one image")
+        rk, rest = key[1], key[2:]
+        if isinstance(rk, slice):
+            r0, r1, _ = rk.indices(self.shape[1])
+            return self.rows(r0, r1)[None][(slice(None), slice(None)) + rest]
+        idx = np.asarray(rk)
+        r0, r1 = int(idx.min()), int(idx.max()) + 1
+        return self.rows(r0, r1)[None][(slice(None), idx - r0) + rest]
 
 
-# --- When to tile -----------------------------------------------------------
+class _Rows:
+    ndim = 3
 
-# Bytes per pixel of the activations of the compiled whole-image forwards
-# (temp buffers of jit(...).lower(...).compile().memory_analysis() on
-# XLA:CPU at the published sizes, 128x128 and 256x256, 50/100/200 bands:
-# 5.4-5.6 KB teacher, 6.1 KB student, independent of the band count).
-TEACHER_BYTES_PER_PIXEL = 5700
-STUDENT_BYTES_PER_PIXEL = 6200
-AUTO_TILE = (512, 512)      # tile used when tiling is automatic
-AUTO_MAX_PIXELS = 1 << 20   # scenes above a megapixel are always tiled
-AUTO_MEMORY_FRACTION = 0.4  # ... and any batch estimated above this share
+    def __init__(self, image: LazyImage):
+        self.image, self.shape = image, image.shape[1:]
+
+    def __getitem__(self, key):
+        r0, r1, _ = key.indices(self.shape[0])
+        return self.image.rows(r0, r1)
 
 
-def estimate_bytes(shape: Sequence[int], method: str,
-                   rx_precision: str = "float64") -> int:
-    """Peak bytes of the whole-image path for a batch of `shape` (N, H, W, B).
+class SpillCube:
+    """A float32 (H, W, B) .npy file written tile by tile with plain writes
+    (nothing of it mapped, so it never counts towards resident memory) and
+    read back as a data.DiskCube, in blocks of rows."""
 
-    Network activations (TEACHER/STUDENT_BYTES_PER_PIXEL, from XLA's own
-    buffer assignment; none for 'rx'), plus the float32 input and features
-    and RX's copies of the cube in its precision (the cast and the centred
-    one).
-    """
-    n, h, w, b = shape
-    student = method == "fers"
-    per_px = 0 if method == "rx" else (
-        TEACHER_BYTES_PER_PIXEL + STUDENT_BYTES_PER_PIXEL * int(student))
-    rx_bytes = 8 if rx_precision == "float64" else 4
-    features = 0 if method == "rx" else 1 + int(student)
-    cubes = 4 * b * (1 + features) + 2 * rx_bytes * b
-    return int(n * h * w * (per_px + cubes))
+    def __init__(self, path, shape):
+        self.path, self.shape = pathlib.Path(path), tuple(int(s) for s in shape)
+        header = {"descr": "<f4", "fortran_order": False, "shape": self.shape}
+        with open(self.path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            self.offset = f.tell()
+            f.truncate(self.offset + int(np.prod(self.shape)) * 4)
+        self._fd = os.open(self.path, os.O_WRONLY)
 
+    def write(self, r0: int, c0: int, tile: np.ndarray) -> None:
+        """Writes `tile` (rows, cols, B) at image row r0, column c0."""
+        _, w, b = self.shape
+        tile = np.ascontiguousarray(tile, "<f4")
+        for i in range(tile.shape[0]):
+            os.pwrite(self._fd, tile[i].tobytes(),
+                      self.offset + ((r0 + i) * w + c0) * b * 4)
 
-def device_memory_bytes() -> int:
-    """Memory the default device can hold: its allocator's limit on an
-    accelerator, else the host's available RAM."""
-    dev = jax.devices()[0]
-    try:
-        stats = dev.memory_stats() or {}
-    except Exception:  # noqa: BLE001 - not every backend has stats
-        stats = {}
-    if stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    def reader(self):
+        from fers_jax import data
+        os.close(self._fd)
+        return data.DiskCube(self.shape, data._memmap_rows(
+            self.path, np.dtype("<f4"), self.shape, self.offset), self.path)
 
 
-def auto_tile(shape: Sequence[int], method: str, rx_precision: str = "float64",
-              available: Optional[int] = None) -> Optional[Tuple[int, int]]:
-    """The automatic tiling rule: a tile size, or None for the whole image.
-
-    Tiles of AUTO_TILE when a scene has more than AUTO_MAX_PIXELS pixels, or
-    when `estimate_bytes` of the batch exceeds AUTO_MEMORY_FRACTION of the
-    device's memory (`device_memory_bytes`, or `available`).
-    """
-    _, h, w, _ = shape
-    if h * w > AUTO_MAX_PIXELS:
-        return AUTO_TILE
-    available = device_memory_bytes() if available is None else available
-    if estimate_bytes(shape, method, rx_precision) > AUTO_MEMORY_FRACTION * available:
-        return AUTO_TILE
-    return None
-
-
-def resolve_tile(tile, shape: Sequence[int], method: str,
-                 rx_precision: str = "float64") -> Optional[Tuple[int, int]]:
-    """An option value ('auto', 'off', None, (H, W) or 'H,W') -> tile or None."""
-    if isinstance(tile, str) and tile.strip().lower() == "auto":
-        return auto_tile(shape, method, rx_precision)
-    return parse_tile(tile)
-
+def rx_input_tiles(xt, f: Dict[str, np.ndarray], fusion: str) -> Dict[str, np.ndarray]:
+    """The RX inputs of one tile, added in float32 in the whole-image order."""
+    if fusion == "ferd":
+        return {"x+spe": xt + f["spe_f"]}
+    if fusion == "sum":
+        return {"x+spe+spa": (xt + f["spe_f"]) + f["spa_f"]}
+    return {"x+spa": xt + f["spa_f"], "x+spe": xt + f["spe_f"]}

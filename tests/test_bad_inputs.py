@@ -225,7 +225,7 @@ SCENE_CASES = {
     "npy_truncated": (_npy_cut, [], "not a readable .npy file"),
     "npy_corrupt": (lambda d: junk(d / "junk.npy"), [], "no NumPy .npy header"),
     "npy_pickled_objects": (_npy_pickle, [], "Object arrays cannot be loaded"),
-    "unknown_suffix": (lambda d: junk(d / "scene.hdr"), [], "unknown scene format"),
+    "unknown_suffix": (lambda d: junk(d / "scene.tif"), [], "unknown scene format"),
     "wrong_keys": (lambda d: scene(d / "k.npz", data=None, map=None,
                                     labels=np.zeros(5), name=np.array("x")),
                    [], "no 3-D cube found; keys found"),

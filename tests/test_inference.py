@@ -8,7 +8,7 @@ import pytest
 from conftest import CHECKPOINTS, GOLDEN, SCENES
 
 import evaluate
-from fers_jax import cli, inference
+from fers_jax import cli, inference, plan
 
 REFERENCE_AUC = json.loads((GOLDEN / "scene_maps" / "auc.json").read_text())
 
@@ -42,9 +42,9 @@ def test_fers_50_bands_product_matches_reference(tmp_path):
 
 
 def test_fusion_rules():
-    assert inference.resolve_fusion("auto", 50) == "product"
-    assert inference.resolve_fusion("auto", 51) == "sum"
-    assert inference.resolve_precision("auto", "product") == "float32"
+    assert plan.resolve_fusion("auto", 50) == "product"
+    assert plan.resolve_fusion("auto", 51) == "sum"
+    assert plan.resolve_precision("auto", "product") == "float32"
     x = np.random.default_rng(0).random((1, 12, 10, 6)).astype(np.float32) * 0.1
     zero = np.zeros_like(x)
     # sum fusion with zero features is plain RX of x

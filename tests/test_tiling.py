@@ -14,7 +14,8 @@ import pytest
 from conftest import CHECKPOINTS, GOLDEN, SCENES, fake_variables
 
 import evaluate
-from fers_jax import cli, configs, convert, data, detectors, inference, metrics, tiling
+from fers_jax import cli, configs, convert, data, detectors, inference, metrics, plan, tiling
+from fers_jax.models import tiled
 
 STUDENT_50 = GOLDEN / "spa_fen_random_50bands.pt"
 TILE = (96, 80)  # 3 x 4 tiles of 256 x 256, the last ones shifted back
@@ -52,8 +53,8 @@ def test_spans_partition_the_axis_with_one_tile_shape(size, tile):
 @pytest.mark.parametrize("tile", [16, 64, 1024])
 def test_trunk_windows_align_and_cover_the_reach(size, tile):
     cfg = configs.student(50)
-    stride, halo = tiling.trunk_stride(cfg), tiling.trunk_halo(cfg)
-    reach = tiling.trunk_reach(cfg)
+    stride, halo = tiled.trunk_stride(cfg), tiled.trunk_halo(cfg)
+    reach = tiled.trunk_reach(cfg)
     windows = tiling.trunk_windows(size, tile, stride, halo)
     cells = np.concatenate([np.arange(c0, c1) for _, _, c0, c1 in windows])
     np.testing.assert_array_equal(cells, np.arange(-(-size // stride)))
@@ -66,11 +67,11 @@ def test_trunk_windows_align_and_cover_the_reach(size, tile):
 
 
 def test_receptive_fields():
-    assert tiling.trunk_reach(configs.student(50)) == 273
-    assert tiling.trunk_halo(configs.student(50)) == 18
-    assert tiling.trunk_stride(configs.student(50)) == 16
-    assert tiling.trunk_reach(configs.student_tiny(50)) == 49
-    assert tiling.teacher_radius(configs.teacher(50)) == 3 <= configs.teacher(50).pad
+    assert tiled.trunk_reach(configs.student(50)) == 273
+    assert tiled.trunk_halo(configs.student(50)) == 18
+    assert tiled.trunk_stride(configs.student(50)) == 16
+    assert tiled.trunk_reach(configs.student_tiny(50)) == 49
+    assert tiled.teacher_radius(configs.teacher(50)) == 3 <= configs.teacher(50).pad
     x = np.arange(7)
     for start, stop in ((0, 15), (3, 9), (10, 15)):
         np.testing.assert_array_equal(tiling._reflect_index(7, 4, start, stop),
@@ -91,8 +92,8 @@ def test_tiled_teacher_and_ferd_equal_whole(ferd_100):
     extractor, x, gt, whole = ferd_100
     feats = extractor.tiled(TILE)
     whole_map = inference.ferd_map(x, whole)
-    maps, f = tiling.detect_tiled(feats, x, "ferd", rx="stream", export=True,
-                                  chunk_pixels=5000)
+    maps, f = tiling.detect_tiled(feats, x, plan.plan_scene(
+        x.shape, "ferd", TILE, rx="stream"), export=True, chunk_pixels=5000)
     assert rel(f["spe_f"], whole) <= 1e-5
     assert auc(maps, gt) == pytest.approx(auc(whole_map, gt), abs=1e-6)
     assert rel(maps, whole_map) <= 1e-6
@@ -130,8 +131,9 @@ def fers_50():
     extractor = inference.feature_extractor(CHECKPOINTS / "50bands", STUDENT_50, 50)
     whole = {k: np.asarray(v) for k, v in extractor(x).items()}
     feats = extractor.tiled(TILE)
-    maps, tiled = tiling.detect_tiled(feats, x, "fers", export=True)
-    return x, gt, whole, tiled, maps
+    maps, by_tile = tiling.detect_tiled(feats, x, plan.plan_scene(x.shape, "fers", TILE),
+                                        export=True)
+    return x, gt, whole, by_tile, maps
 
 
 def test_tiled_fers_features_and_auc_equal_whole(fers_50):
@@ -232,19 +234,19 @@ def test_evaluate_rejects_a_bad_tile(tmp_path):
 
 def test_auto_tile_rule():
     gib = 1 << 30
-    assert tiling.auto_tile((16, 100, 100, 200), "fers", available=16 * gib) is None
-    assert tiling.auto_tile((1, 2048, 1024, 200), "rx", available=1 << 50) == tiling.AUTO_TILE
+    assert plan.auto_tile((16, 100, 100, 200), "fers", available=16 * gib) is None
+    assert plan.auto_tile((1, 2048, 1024, 200), "rx", available=1 << 50) == plan.AUTO_TILE
     # 512 x 512 FERS at 200 bands: ~4.6 GB estimated, tiled on an 8 GiB device only
-    assert tiling.auto_tile((1, 512, 512, 200), "fers", available=8 * gib) == tiling.AUTO_TILE
-    assert tiling.auto_tile((1, 512, 512, 200), "fers", available=80 * gib) is None
-    assert tiling.estimate_bytes((1, 100, 100, 200), "rx") < tiling.estimate_bytes(
-        (1, 100, 100, 200), "ferd") < tiling.estimate_bytes((1, 100, 100, 200), "fers")
-    assert tiling.parse_tile("64") == (64, 64) and tiling.parse_tile("off") is None
+    assert plan.auto_tile((1, 512, 512, 200), "fers", available=8 * gib) == plan.AUTO_TILE
+    assert plan.auto_tile((1, 512, 512, 200), "fers", available=80 * gib) is None
+    assert plan.estimate_bytes((1, 100, 100, 200), "rx") < plan.estimate_bytes(
+        (1, 100, 100, 200), "ferd") < plan.estimate_bytes((1, 100, 100, 200), "fers")
+    assert plan.parse_tile("64") == (64, 64) and plan.parse_tile("off") is None
 
 
 def test_normalise_tiled_equals_normalise():
     cube = data.load_scene(SCENES / "pavia-car.mat").cube
-    np.testing.assert_array_equal(tiling.normalise_tiled(cube, rows=7),
+    np.testing.assert_array_equal(data.normalise_streamed(cube, rows=7),
                                   data.normalise(cube))
 
 
