@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute tile by tile with bounded memory (same maps to "
                         "float32 rounding): tiles of H,W pixels; auto tiles scenes "
                         "above a megapixel or batches estimated above 40%% of the "
-                        "device's memory (fers_jax.tiling.auto_tile); off never")
+                        "device's memory (fers_jax.plan.auto_tile); off never")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="FERD/FERS network arithmetic (bfloat16: for accelerators; "
                         "RX keeps --precision)")
