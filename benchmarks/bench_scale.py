@@ -1,286 +1,178 @@
-"""Scale: seconds per megapixel and peak memory as the scene grows.
+"""Scale through the real command line: peak memory of the whole process.
 
-A synthetic 200-band scene, abu-airport-2's first 200 bands mirror-tiled
-(flipped copies side by side, so that there are no seams) to 100x100,
-256x256, 512x512, 1024x1024 and 2048x1024, normalised as the reference does
-(fers_jax.data.normalise_streamed: data.normalise's numbers without its
-float64 copy) and written once to a .npy file (by a helper process). Each
-method and size then runs in a fresh process that memory-maps that file,
-and reports its wall time and its peak resident memory: VmHWM of
-/proc/self/status, the high-water mark of the process's own address space,
-which counts the pages of the input it touched. (ru_maxrss is not used: on
-Linux a child's ru_maxrss starts at its parent's RSS at fork and survives
-exec, so a worker forked from a big parent would report the parent's
-size.)
+Each case runs `python evaluate.py ...` as a subprocess under
+`/usr/bin/time -v` and records its wall time and "Maximum resident set
+size" (the whole process: imports, JAX, the scene, every buffer). Scenes
+are synthetic int16 cubes (smooth background, a few bright 3x3 targets in
+the mask) written block by block into --work (never the repository):
 
-  rx    detectors.rx_streaming, float64 (statistics over 65536-pixel chunks)
-  crd   detectors.crd (3, 11), float64; 300-700 s per megapixel on two
-        busy cores, so only up to --crd-max-pixels (default 512x512;
-        2048x1024 would take 10-25 min)
-  ferd  tiled teacher (published 200-band) + streaming RX
-  fers  tiled teacher + tiled random-init 200-band student (no trained
-        200-band student is published; random weights cost the same) +
-        streaming RX, sum fusion
+  npz   np.savez-style .npz, the cube stored uncompressed (read in row
+        blocks from inside the zip)
+  npy   .npy
+  envi  ENVI BIL, little-endian, with <stem>_mask.npy beside it
 
---bf16-auc also scores the shared scenes with the float32 and the bfloat16
-networks (evaluate's --dtype; RX in its usual precision) and records the
-AUCs under "bfloat16_auc": FERD with the published 50/100/200-band teachers
-(200 bands: abu-airport-2 only, the one scene with 200 bands), FERS 50-band
-with the golden random student. bfloat16 on CPU is emulated and slow; the
-AUC effect is the same on an accelerator up to rounding.
+Methods: rx, ferd (the published 200-band teacher), fers (that teacher
+and a random-init 200-band student saved as a fers_jax checkpoint: no
+trained 200-band student is published; random weights cost the same),
+sum fusion. --memory-budget is passed through (default 2 GB: a user with
+a 3 GB machine); results.json's plan says which path ran.
 
-FERD/FERS run fers_jax.tiling.detect_tiled with --tile (default 256x256)
-and rx='stream'. Sizes up to 512x512 are run twice in their process:
-`first_s` includes XLA compilation, `steady_s` is the second call; larger
-sizes once (`steady_s` null: their s/MP includes compilation, ~10-30 s).
-Load average is recorded before and after each run: the machine is shared.
-
-  python benchmarks/bench_scale.py [--sizes 100x100,...] [--methods rx,ferd]
-Writes benchmarks/results/scale_<hostname>.json and prints a table.
+  python benchmarks/bench_scale.py --cases 2048x1024:npz:rx,ferd,fers \\
+      [--budget 2] [--work /work/runs/11/bench]
+Writes benchmarks/results/scale_cli_<hostname>.json (appending cases).
 """
 
 import argparse
 import json
 import os
 import pathlib
-import platform
-import resource
+import re
 import socket
 import subprocess
 import sys
-import tempfile
 import time
+import zipfile
 
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("FERS_SHARED", REPO.parent / "shared"))
-SCENE = SHARED / "data" / "scenes" / "abu-airport-2.mat"
-TEACHER = SHARED / "reference" / "checkpoints" / "saved_models" / "200bands"
-SIZES = ((100, 100), (256, 256), (512, 512), (1024, 1024), (2048, 1024))
-METHODS = ("rx", "crd", "ferd", "fers")
+TEACHER = REPO.parent / "shared/reference/checkpoints/saved_models/200bands"
 BANDS = 200
-TWICE_MAX_PIXELS = 512 * 512
 
 
-def mirror_tile(cube: np.ndarray, h: int, w: int) -> np.ndarray:
-    """cube tiled to (h, w) with every other copy flipped: no seams."""
-    ch, cw, _ = cube.shape
-    row = np.concatenate([cube, cube[::-1]], 0)
-    tile = np.concatenate([row, row[:, ::-1]], 1)
-    reps = (-(-h // (2 * ch)), -(-w // (2 * cw)), 1)
-    return np.tile(tile, reps)[:h, :w]
+def blocks(h, w, rows=64, seed=0):
+    """Row blocks of a synthetic int16 (H, W, 200) scene and its mask."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 1, (BANDS,)).cumsum()
+    spectra = (1500 + 300 * np.sin(np.arange(BANDS) / 17.0)[None] + 40 * base[None])
+    for r in range(0, h, rows):
+        n = min(rows, h - r)
+        yy = np.arange(r, r + n)[:, None, None]
+        xx = np.arange(w)[None, :, None]
+        cube = spectra[None] * (1 + 0.2 * np.sin(yy / 97.0) * np.cos(xx / 71.0))
+        cube = cube + rng.normal(0, 25, (n, w, BANDS))
+        yield r, cube.astype(np.int16)
 
 
-def write_cube(folder: pathlib.Path, h: int, w: int) -> pathlib.Path:
-    """The normalised synthetic scene as a .npy file (built in row strips)."""
-    from fers_jax import data, tiling
-    path = folder / f"cube_{h}x{w}.npy"
-    if path.exists():
+def mask(h, w):
+    gt = np.zeros((h, w), np.uint8)
+    for y in range(50, h - 3, max(h // 7, 5)):
+        for x in range(40, w - 3, max(w // 5, 5)):
+            gt[y:y + 3, x:x + 3] = 1
+    return gt
+
+
+def add_targets(r, block, gt):
+    part = gt[r:r + block.shape[0]].astype(bool)
+    block[part] = (block[part] * 1.15).astype(np.int16)
+    return block
+
+
+def write_scene(work: pathlib.Path, h, w, fmt) -> pathlib.Path:
+    stem = f"s{h}x{w}"
+    gt = mask(h, w)
+    npy = work / f"{stem}.npy"
+    if not npy.exists():
+        out = np.lib.format.open_memmap(npy, "w+", np.int16, (h, w, BANDS))
+        for r, b in blocks(h, w):
+            out[r:r + b.shape[0]] = add_targets(r, b, gt)
+        out.flush()
+        del out
+    if fmt == "npy":
+        np.save(work / f"{stem}_gt.npy", gt)  # not read: .npy scenes have no mask
+        return npy
+    if fmt == "npz":
+        path = work / f"{stem}.npz"
+        if not path.exists():
+            gt_file = work / f"{stem}_map.npy"
+            np.save(gt_file, gt)
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                z.write(npy, "data.npy")
+                z.write(gt_file, "map.npy")
         return path
-    scene = data.load_scene(SCENE)
-    raw = np.lib.format.open_memmap(folder / "raw.npy", "w+", np.float32,
-                                    (h, w, BANDS))
-    base = np.ascontiguousarray(scene.cube[..., :BANDS])
-    strip = 2 * base.shape[0]
-    for r in range(0, h, strip):
-        rows = min(strip, h - r)
-        raw[r:r + rows] = mirror_tile(base, rows, w)
-    raw.flush()
-    out = np.lib.format.open_memmap(path, "w+", np.float32, (h, w, BANDS))
-    out[...] = data.normalise_streamed(raw, where="synthetic")
-    out.flush()
-    del raw, out
-    (folder / "raw.npy").unlink()
+    if fmt == "envi":
+        hdr = work / f"{stem}_bil.hdr"
+        if not hdr.exists():
+            src = np.load(npy, mmap_mode="r")
+            with open(work / f"{stem}_bil.img", "wb") as f:
+                for r in range(h):
+                    f.write(np.ascontiguousarray(src[r].T).astype("<i2").tobytes())
+            del src
+            hdr.write_text(f"ENVI\nsamples = {w}\nlines = {h}\nbands = {BANDS}\n"
+                           "header offset = 0\nfile type = ENVI Standard\n"
+                           "data type = 2\ninterleave = bil\nbyte order = 0\n")
+            np.save(work / f"{stem}_bil_mask.npy", gt)
+        return hdr
+    raise SystemExit(f"unknown format {fmt}")
+
+
+def student_checkpoint(work: pathlib.Path) -> pathlib.Path:
+    path = work / "student200"
+    if not (path / "fers_jax.json").exists():
+        code = ("import jax, numpy as np; from fers_jax import configs, convert, "
+                "checkpoint_store as cs; cfg = configs.student(200); "
+                "m = convert.build('student', cfg); "
+                "v = m.init(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 200), np.float32)); "
+                f"cs.save_variables({str(path)!r}, v, cs.model_meta('student', cfg), "
+                "overwrite=True)")
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     return path
 
 
-def worker(method: str, path: str, tile, chunk: int) -> dict:
-    """One method on one cube, in this (fresh) process."""
-    import jax
-    from fers_jax import checkpoints, configs, convert, detectors, tiling
-
-    x = np.load(path, mmap_mode="r")
-    h, w, _ = x.shape
+def run_case(scene, method, budget, work, out):
+    argv = [sys.executable, "evaluate.py", "--scenes", str(scene), "--method", method,
+            "--out", str(out), "--quiet", "--no-plots", "--memory-budget", str(budget)]
     if method in ("ferd", "fers"):
-        teacher, t_vars = checkpoints.load_teacher(TEACHER, BANDS)
-        student = s_vars = None
-        if method == "fers":
-            sys.path.insert(0, str(REPO / "tests"))
-            from conftest import fake_variables
-            student = convert.build("student", configs.student(BANDS))
-            s_vars = fake_variables(student, np.zeros((1, 32, 32, BANDS), np.float32))
-        feats = tiling.TiledFeatures(teacher, t_vars, student, s_vars, tile)
-
-        def run():
-            maps, _ = tiling.detect_tiled(feats, x[None], method, "sum",
-                                          "float64", rx="stream", chunk_pixels=chunk)
-            return maps
-    elif method == "rx":
-        def run():
-            return detectors.rx_streaming(x, "float64", chunk)
-    elif method == "crd":
-        def run():
-            return np.asarray(detectors.crd(np.asarray(x)))
-    else:
-        raise SystemExit(f"unknown method {method}")
-    times = []
-    for _ in range(2 if h * w <= TWICE_MAX_PIXELS else 1):
-        start = time.perf_counter()
-        out = np.asarray(run())
-        times.append(time.perf_counter() - start)
-    assert np.all(np.isfinite(out)), "non-finite scores"
-    return {"first_s": times[0], "steady_s": times[1] if len(times) > 1 else None,
-            "peak_rss_gb": vm_hwm_bytes() / 2**30,
-            "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "device": str(jax.devices()[0])}
-
-
-def vm_hwm_bytes() -> int:
-    """Peak resident memory of this process since its exec (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def bf16_auc() -> dict:
-    """Per-scene AUCs with float32 and bfloat16 networks, and their change."""
-    from fers_jax import evaluation
-    scenes = SHARED / "data" / "scenes"
-    ck = SHARED / "reference" / "checkpoints" / "saved_models"
-    student = SHARED / "reference" / "golden" / "spa_fen_random_50bands.pt"
-    runs = {"ferd_50": dict(method="ferd", bands=50, teacher=str(ck / "50bands")),
-            "ferd_100": dict(method="ferd", bands=100, teacher=str(ck / "100bands")),
-            "ferd_200": dict(method="ferd", bands=200, teacher=str(ck / "200bands")),
-            "fers_50_random_student": dict(method="fers", bands=50,
-                                           teacher=str(ck / "50bands"),
-                                           student=str(student))}
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, kw in runs.items():
-            paths = [scenes / "abu-airport-2.mat"] if name == "ferd_200" else [scenes]
-            aucs = {}
-            for dtype in ("float32", "bfloat16"):
-                cfg = evaluation.EvalConfig(**kw, dtype=dtype, plots=False, tile="off")
-                res = evaluation.evaluate(paths, pathlib.Path(tmp) / f"{name}_{dtype}",
-                                          cfg, progress=False)
-                aucs[dtype] = {r["name"]: r["auc"] for r in res["scenes"]}
-            diff = {k: aucs["bfloat16"][k] - aucs["float32"][k] for k in aucs["float32"]}
-            out[name] = {**aucs, "diff": diff,
-                         "max_abs_diff": max(abs(v) for v in diff.values()),
-                         "mean_diff": float(np.mean(list(diff.values())))}
-            print(name, json.dumps(out[name]["diff"]), file=sys.stderr, flush=True)
-    return out
-
-
-def parse_sizes(text):
-    return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
+        argv += ["--teacher", str(TEACHER), "--bands", str(BANDS)]
+    if method == "fers":
+        argv += ["--student", str(student_checkpoint(work)), "--fusion", "sum"]
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v"] + argv, cwd=REPO,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)",
+                           proc.stderr).group(1))
+    res = json.loads((out / "results.json").read_text())
+    row = res["scenes"][0]
+    return {"method": method, "shape": row["shape"], "megapixels":
+            row["shape"][0] * row["shape"][1] / 1e6, "format": scene.suffix,
+            "scene_bytes_on_disk": sum(p.stat().st_size for p in scene.parent.glob(
+                scene.stem + (".img" if scene.suffix == ".hdr" else scene.suffix))),
+            "memory_budget_gb": budget, "plan": row["plan"], "auc": row["auc"],
+            "process_wall_s": wall, "detector_s": row["seconds"],
+            "s_per_megapixel": wall / (row["shape"][0] * row["shape"][1] / 1e6),
+            "peak_rss_gb": rss_kb / 2 ** 20, "load_before": load_before,
+            "load_after": os.getloadavg()}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default=",".join(f"{h}x{w}" for h, w in SIZES))
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--tile", default="256x256", help="FERD/FERS output tile")
-    p.add_argument("--chunk", type=int, default=1 << 16, help="RX chunk pixels")
-    p.add_argument("--crd-max-pixels", type=int, default=512 * 512)
-    p.add_argument("--workdir", help="where the cubes are written (default: a "
-                   "temporary folder, removed after)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" /
-                                        f"scale_{socket.gethostname()}.json"))
-    p.add_argument("--bf16-auc", action="store_true",
-                   help="also record the AUC change of bfloat16 networks")
-    p.add_argument("--worker", nargs=2, metavar=("METHOD", "CUBE"),
-                   help=argparse.SUPPRESS)
-    p.add_argument("--bf16-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--write-cube", nargs=3, metavar=("FOLDER", "H", "W"),
-                   help=argparse.SUPPRESS)
+    p.add_argument("--cases", nargs="+", required=True,
+                   help="HxW:format:method[,method...] (format npz, npy or envi)")
+    p.add_argument("--budget", type=float, default=2.0)
+    p.add_argument("--work", default="/work/runs/11/bench")
     args = p.parse_args()
-    tile = tuple(int(v) for v in args.tile.split("x"))
-    if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], tile, args.chunk)))
-        return
-    if args.bf16_worker:
-        print(json.dumps(bf16_auc()))
-        return
-    if args.write_cube:
-        folder, h, w = args.write_cube
-        print(write_cube(pathlib.Path(folder), int(h), int(w)))
-        return
-    sizes, methods = parse_sizes(args.sizes), args.methods.split(",")
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench_scale_")
-    folder = pathlib.Path(args.workdir or tmp.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    try:
-        for h, w in sizes:
-            # In a helper process: this one stays small (see vm_hwm_bytes).
-            cube = pathlib.Path(subprocess.run(
-                [sys.executable, __file__, "--write-cube", str(folder), str(h), str(w)],
-                capture_output=True, text=True, check=True, cwd=REPO
-            ).stdout.strip().splitlines()[-1])
-            for method in methods:
-                row = {"method": method, "h": h, "w": w, "bands": BANDS,
-                       "megapixels": h * w / 1e6, "load_before": os.getloadavg()}
-                if method == "crd" and h * w > args.crd_max_pixels:
-                    row["skipped"] = (f"above --crd-max-pixels ({args.crd_max_pixels}):"
-                                      " 300-700 s per megapixel on two cores")
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    continue
-                cmd = [sys.executable, __file__, "--worker", method, str(cube),
-                       "--tile", args.tile, "--chunk", str(args.chunk)]
-                start = time.perf_counter()
-                res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-                row["process_s"] = time.perf_counter() - start
-                row["load_after"] = os.getloadavg()
-                if res.returncode:
-                    row["error"] = res.stderr.strip().splitlines()[-1:]
-                else:
-                    row.update(json.loads(res.stdout.strip().splitlines()[-1]))
-                    t = row["steady_s"] if row["steady_s"] is not None else row["first_s"]
-                    row["s_per_megapixel"] = t / row["megapixels"]
-                    row["includes_compile"] = row["steady_s"] is None
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    result = {"host": socket.gethostname(), "cpus": os.cpu_count(),
-              "platform": platform.platform(), "python": platform.python_version(),
-              "tile": tile, "rx_chunk_pixels": args.chunk,
-              "memory_limit_gb": 6, "rows": rows}
-    if args.bf16_auc:  # in a helper process too
-        res = subprocess.run([sys.executable, __file__, "--bf16-worker"],
-                             capture_output=True, text=True, check=True, cwd=REPO)
-        result["bfloat16_auc"] = json.loads(res.stdout.strip().splitlines()[-1])
-    from importlib import metadata
-    result["jax"] = metadata.version("jax")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(table(rows))
-    print(f"wrote {out}")
-
-
-def table(rows) -> str:
-    lines = [f"{'method':<6} {'size':>10} {'s/MP':>9} {'first s':>9} {'steady s':>9} "
-             f"{'peak GB':>8} {'load':>5}"]
-    for r in rows:
-        size = f"{r['h']}x{r['w']}"
-        if "s_per_megapixel" not in r:
-            lines.append(f"{r['method']:<6} {size:>10}  {r.get('skipped') or r.get('error')}")
-            continue
-        steady = f"{r['steady_s']:.1f}" if r["steady_s"] is not None else "-"
-        mark = "*" if r["includes_compile"] else " "
-        lines.append(f"{r['method']:<6} {size:>10} {r['s_per_megapixel']:>8.1f}{mark} "
-                     f"{r['first_s']:>9.1f} {steady:>9} {r['peak_rss_gb']:>8.2f} "
-                     f"{r['load_before'][0]:>5.1f}")
-    lines.append("* includes XLA compilation (one call only at this size)")
-    return "\n".join(lines)
+    work = pathlib.Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    result_file = REPO / "benchmarks" / "results" / f"scale_cli_{socket.gethostname()}.json"
+    record = (json.loads(result_file.read_text()) if result_file.exists() else
+              {"host": socket.gethostname(), "cpus": os.cpu_count(), "rows": []})
+    for case in args.cases:
+        size, fmt, methods = case.split(":")
+        h, w = map(int, size.split("x"))
+        scene = write_scene(work, h, w, fmt)
+        for m in methods.split(","):
+            row = run_case(scene, m, args.budget, work, work / f"out_{size}_{fmt}_{m}")
+            record["rows"].append(row)
+            print(f"{size} {fmt} {m}: {row['plan']['path']} tile {row['plan']['tile']} "
+                  f"{row['process_wall_s']:.1f} s, {row['s_per_megapixel']:.1f} s/MP, "
+                  f"peak RSS {row['peak_rss_gb']:.2f} GB, AUC {row['auc']}, "
+                  f"load {row['load_before'][0]:.1f}", flush=True)
+            result_file.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

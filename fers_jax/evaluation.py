@@ -129,7 +129,7 @@ def _rx_detector(cfg: EvalConfig, mesh) -> Detector:
     chunks when the plan tiles (detectors.rx_streaming: the same
     statistics, bounded memory), or from disk when it says out of core."""
     def detect(x, plan: Optional[ScenePlan] = None, **_):
-        plan = plan if plan is not None else planning.plan_for(cfg, np.shape(x))
+        plan = plan if plan is not None else planning.plan_for(cfg, np.shape(x), in_memory=True)
         if plan.path == "out-of-core":  # x: a tiling.LazyImage
             return np.asarray(detectors.rx_streaming(
                 x.cube_view(), plan.rx_precision, plan.chunk_pixels))[None], {}

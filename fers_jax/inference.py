@@ -176,7 +176,7 @@ def build_detector(cfg, mesh=None) -> Tuple[Callable, int]:
 
     def detect(x, plan: Optional[ScenePlan] = None, spill_dir=None,
                progress: bool = False):
-        plan = plan if plan is not None else plan_for(cfg, np.shape(x))
+        plan = plan if plan is not None else plan_for(cfg, np.shape(x), in_memory=True)
         if plan.tiled:
             if plan.tile not in tiled:
                 tiled[plan.tile] = extractor.tiled(plan.tile)

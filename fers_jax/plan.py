@@ -364,11 +364,12 @@ def host_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def plan_for(cfg, shape: Sequence[int]) -> ScenePlan:
+def plan_for(cfg, shape: Sequence[int], in_memory: bool = False) -> ScenePlan:
     """`plan_scene` with the options of an evaluation config (EvalConfig or
     anything with method, tile, fusion, precision and memory_budget (GB)
-    attributes)."""
-    gb = getattr(cfg, "memory_budget", None)
+    attributes). `in_memory`: for inputs already in memory (a detector
+    called on an array), the budget is not applied."""
+    gb = None if in_memory else getattr(cfg, "memory_budget", None)
     return plan_scene(shape, cfg.method, getattr(cfg, "tile", "auto"),
                       getattr(cfg, "fusion", "auto"),
                       getattr(cfg, "precision", "auto"),
