@@ -563,14 +563,15 @@ def test_safe_name(name, expected):
 
 def test_scene_names_cannot_write_outside_out(tmp_path, capsys, monkeypatch):
     # Names normally are file stems, but a dataset can store any name: make
-    # load_scene return hostile ones and check where the files land.
-    real = data.load_scene
+    # open_scene (evaluation's loader) return hostile ones and check where
+    # the files land.
+    real = data.open_scene
     names = iter(["../../escaped", "..", "/etc/passwd"])
 
     def hostile(path, *args, **kwargs):
         s = real(path, *args, **kwargs)
         return data.Scene(next(names), s.cube, s.gt, s.path)
-    monkeypatch.setattr(data, "load_scene", hostile)
+    monkeypatch.setattr(data, "open_scene", hostile)
     work = tmp_path / "a" / "b"
     for i in range(3):
         scene(work / "in" / f"s{i}.npz")

@@ -142,7 +142,7 @@ def test_user_errors_are_one_line_with_exit_code(tmp_path):
 # --- Several methods: one comparison -----------------------------------------
 
 SINGLE_KEYS = {"method", "bands", "start_band", "device", "mean_auc",
-               "scored_scenes", "config", "scenes"}
+               "scored_scenes", "config", "scenes", "paths", "memory_budget_gb"}
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +164,9 @@ def crops(tmp_path_factory):
 def test_several_methods_make_one_comparison(tmp_path, crops, capsys, monkeypatch):
     from fers_jax import data
     loads = []
-    load_scene = data.load_scene
-    monkeypatch.setattr(data, "load_scene",
-                        lambda *a, **k: loads.append(a[0]) or load_scene(*a, **k))
+    open_scene = data.open_scene  # what evaluation reads scenes with
+    monkeypatch.setattr(data, "open_scene",
+                        lambda *a, **k: loads.append(a[0]) or open_scene(*a, **k))
     out = tmp_path / "cmp"
     teacher = GOLDEN.parent / "checkpoints" / "saved_models" / "100bands"
     assert cli.run(evaluate.main, [
