@@ -288,7 +288,7 @@ def _check_budget(plan: ScenePlan, budget, shape):
 # --- Memory, as the plans use it ----------------------------------------------
 
 OUT_OF_CORE_TILES = ((256, 512), (128, 512), (64, 512), (32, 256), (16, 128))
-DEFAULT_BUDGET_FRACTION = 0.25  # --memory-budget default: of MemAvailable
+DEFAULT_BUDGET_FRACTION = 0.1  # --memory-budget default: of MemAvailable
 TRUNK_WINDOW_BYTES_PER_PIXEL = 80   # see fers_jax.tiling.TiledFeatures
 SPP_TILE_BYTES_PER_PIXEL = 4 * 600  # the student head on an output tile
 MAP_BYTES_PER_PIXEL = 8 * 6         # maps, fused map, ROC sorting (float64, int64)
