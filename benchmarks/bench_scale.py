@@ -18,7 +18,7 @@ sum fusion. --memory-budget is passed through (default 2 GB: a user with
 a 3 GB machine); results.json's plan says which path ran.
 
   python benchmarks/bench_scale.py --cases 2048x1024:npz:rx,ferd,fers \\
-      [--budget 2] [--work /work/runs/11/bench]
+      [--budget 2] [--work /work/runs/11/bench] [--result NAME.json]
 Writes benchmarks/results/scale_cli_<hostname>.json (appending cases).
 """
 
@@ -155,10 +155,12 @@ def main():
                    help="HxW:format:method[,method...] (format npz, npy or envi)")
     p.add_argument("--budget", type=float, default=2.0)
     p.add_argument("--work", default="/work/runs/11/bench")
+    p.add_argument("--result", default=f"scale_cli_{socket.gethostname()}.json",
+                   help="file name under benchmarks/results/ (cases are appended)")
     args = p.parse_args()
     work = pathlib.Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result_file = REPO / "benchmarks" / "results" / f"scale_cli_{socket.gethostname()}.json"
+    result_file = REPO / "benchmarks" / "results" / args.result
     record = (json.loads(result_file.read_text()) if result_file.exists() else
               {"host": socket.gethostname(), "cpus": os.cpu_count(), "rows": []})
     for case in args.cases:

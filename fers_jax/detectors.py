@@ -341,9 +341,7 @@ def rx_stats(cube, precision: str = "float64",
     dtype = form.dtype
     n = h * w
     with jax.enable_x64(precision == "float64"):
-        lo, hi = np.inf, -np.inf
-        for _, z in _chunks(cube, chunk_pixels):
-            lo, hi = min(lo, z.min()), max(hi, z.max())
+        lo, hi = _global_minmax(cube, chunk_pixels, "rx")
         lo = jnp.asarray(lo, dtype)
         span = jnp.asarray(hi, dtype) - lo
         total = np.zeros(b, np.float64)
@@ -529,6 +527,22 @@ def _check_border(border, where):
     return border
 
 
+def _check_lrx(form, rtol, delta):
+    if form not in LRX_FORMS:
+        raise InputError(f"lrx: form must be one of {LRX_FORMS}, got {form!r}")
+    if not (np.isfinite(rtol) and 0 < rtol < 1):
+        raise InputError(f"lrx: rtol must be in (0, 1), got {rtol!r}")
+    if not (np.isfinite(delta) and delta > 0):
+        raise InputError(f"lrx: delta must be finite and > 0, got {delta!r}")
+
+
+def _check_crd(form, lam):
+    if form not in CRD_FORMS:
+        raise InputError(f"crd: form must be one of {CRD_FORMS}, got {form!r}")
+    if not (np.isfinite(lam) and lam >= 0):
+        raise InputError(f"crd: lam must be finite and >= 0, got {lam!r}")
+
+
 def _background(inner, outer):
     """Row-major indices, in the outer window, of the K background pixels."""
     o, g = outer, (outer - inner) // 2
@@ -567,6 +581,15 @@ def _prepare_local(cubes, pad, border):
     x = jax.vmap(minmax)(cubes.astype(jnp.float64))
     mode = {"wrap": "wrap", "reflect": "reflect", "inside": "constant"}[border]
     return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
+
+
+def _pad_columns(block, lo, span, pad, border):
+    """A block of rows (1, R + 2 pad, W, B), its halo rows already in place
+    (`_halo_rows`), scaled as `minmax` with the image's (lo, span) and
+    padded by `pad` columns as `_prepare_local` pads."""
+    x = _scale(block.astype(jnp.float64), lo, span)
+    mode = {"wrap": "wrap", "reflect": "reflect", "inside": "constant"}[border]
+    return jnp.pad(x, ((0, 0), (0, 0), (pad, pad), (0, 0)), mode=mode)
 
 
 def _chunked(fn, xs, chunk):
@@ -637,16 +660,16 @@ def _lrx_pixels(xb, y, valid, form, rtol, delta):
     return dof * jnp.sum(z * z, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("inner", "outer", "chunk", "border",
-                                             "form"))
-def _lrx_batch(cubes, rtol, delta, inner, outer, chunk, border, form):
-    n, h, w, b = cubes.shape
+def _lrx_padded(x, row0, h, rtol, delta, inner, outer, chunk, border, form):
+    """LRX scores (N, R, W) of the R rows of x (N, R + 2r, W + 2r, B), the
+    scaled images padded by r = outer // 2, the first of them image row
+    `row0` of an image of `h` rows (the whole image: row0 0, R = h)."""
+    n, hp, wp, b = x.shape
     r = outer // 2
-    x = _prepare_local(cubes, r, border)
-    hp, wp = h + 2 * r, w + 2 * r
+    rows_n, w = hp - 2 * r, wp - 2 * r
     flat = x.reshape(n * hp * wp, b)
     # Flat index of each pixel's window corner, its row and column.
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    rows, cols = np.meshgrid(np.arange(rows_n), np.arange(w), indexing="ij")
     corner = (np.arange(n)[:, None, None] * hp * wp + rows * wp + cols)
     where = np.stack([corner.ravel(), np.broadcast_to(rows, corner.shape).ravel(),
                       np.broadcast_to(cols, corner.shape).ravel()], -1)
@@ -655,11 +678,27 @@ def _lrx_batch(cubes, rtol, delta, inner, outer, chunk, border, form):
 
     def step(at):  # gathers whole B-band rows: cheap
         corners = at[:, 0]
-        valid = _valid(at[:, 1], at[:, 2], h, w, inner, outer, border)
+        valid = _valid(at[:, 1] + row0, at[:, 2], h, w, inner, outer, border)
         return _lrx_pixels(flat[corners[:, None] + background],
                            flat[corners + centre], valid, form, rtol, delta)
 
-    return _chunked(step, jnp.asarray(where, jnp.int32), chunk).reshape(n, h, w)
+    return _chunked(step, jnp.asarray(where, jnp.int32), chunk).reshape(n, rows_n, w)
+
+
+_LOCAL_STATIC = ("inner", "outer", "chunk", "border", "form")
+
+
+@functools.partial(jax.jit, static_argnames=_LOCAL_STATIC)
+def _lrx_batch(cubes, rtol, delta, inner, outer, chunk, border, form):
+    return _lrx_padded(_prepare_local(cubes, outer // 2, border), 0, cubes.shape[1],
+                       rtol, delta, inner, outer, chunk, border, form)
+
+
+@functools.partial(jax.jit, static_argnames=_LOCAL_STATIC)
+def _lrx_block(block, lo, span, row0, h, rtol, delta, inner, outer, chunk, border,
+               form):
+    return _lrx_padded(_pad_columns(block, lo, span, outer // 2, border), row0, h,
+                       rtol, delta, inner, outer, chunk, border, form)
 
 
 def lrx(cube, inner: int = 3, outer: int = 11, rtol: float = LRX_RTOL,
@@ -713,12 +752,7 @@ def lrx(cube, inner: int = 3, outer: int = 11, rtol: float = LRX_RTOL,
     inner, outer = _check_windows(inner, outer, np.shape(batch)[1:3], "lrx")
     chunk = _check_chunk(chunk, "lrx")
     border = _check_border(border, "lrx")
-    if form not in LRX_FORMS:
-        raise InputError(f"lrx: form must be one of {LRX_FORMS}, got {form!r}")
-    if not (np.isfinite(rtol) and 0 < rtol < 1):
-        raise InputError(f"lrx: rtol must be in (0, 1), got {rtol!r}")
-    if not (np.isfinite(delta) and delta > 0):
-        raise InputError(f"lrx: delta must be finite and > 0, got {delta!r}")
+    _check_lrx(form, rtol, delta)
     with jax.enable_x64(True), _one_blas_thread():
         out = _lrx_batch(_on_device(batch), float(rtol), float(delta), inner,
                          outer, chunk, border, form)
@@ -862,17 +896,17 @@ def _crd_tiles(win, starts, lam, inner, outer, tile, hw, border, sum_to_one):
     return out.reshape(t, tile, tile)
 
 
-@functools.partial(jax.jit, static_argnames=("inner", "outer", "chunk", "border",
-                                             "form"))
-def _crd_batch(cubes, lam, inner, outer, chunk, border, form):
-    n, h, w, b = cubes.shape
+def _crd_padded(x, row0, h, lam, inner, outer, chunk, border, form):
+    """CRD scores (N, R, W) of the R rows of x (N, R + 2r, W + 2r, B), as
+    `_lrx_padded`."""
+    n, hp, wp, b = x.shape
     r = outer // 2
+    rows_n, w = hp - 2 * r, wp - 2 * r
     tile = min(_CRD_TILE, outer - 1)  # (tile + 2r)^4 / tile^2 is least at 2r
-    ny, nx = -(-h // tile), -(-w // tile)
-    x = _prepare_local(cubes, r, border)
+    ny, nx = -(-rows_n // tile), -(-w // tile)
     # Tiles overhanging the bottom/right edge see edge copies; their extra
     # pixels are computed and cropped.
-    x = jnp.pad(x, ((0, 0), (0, ny * tile - h), (0, nx * tile - w), (0, 0)),
+    x = jnp.pad(x, ((0, 0), (0, ny * tile - rows_n), (0, nx * tile - w), (0, 0)),
                 mode="edge")
     s = tile + 2 * r
     # (image, row, column, band) of each tile's window corner.
@@ -881,13 +915,26 @@ def _crd_batch(cubes, lam, inner, outer, chunk, border, form):
 
     def step(starts):
         win = jax.vmap(lambda c: jax.lax.dynamic_slice(x, c, (1, s, s, b))[0])(starts)
-        return _crd_tiles(win, starts[:, 1:3], lam, inner, outer, tile, (h, w),
+        at = starts[:, 1:3] + jnp.stack([row0, 0]).astype(starts.dtype)
+        return _crd_tiles(win, at, lam, inner, outer, tile, (h, w),
                           border, form == "sum-to-one")
 
     out = _chunked(step, jnp.asarray(corners.reshape(-1, 4), jnp.int32),
                    max(1, chunk // tile ** 2))
     out = out.reshape(n, ny, nx, tile, tile).transpose(0, 1, 3, 2, 4)
-    return out.reshape(n, ny * tile, nx * tile)[:, :h, :w]
+    return out.reshape(n, ny * tile, nx * tile)[:, :rows_n, :w]
+
+
+@functools.partial(jax.jit, static_argnames=_LOCAL_STATIC)
+def _crd_batch(cubes, lam, inner, outer, chunk, border, form):
+    return _crd_padded(_prepare_local(cubes, outer // 2, border), 0, cubes.shape[1],
+                       lam, inner, outer, chunk, border, form)
+
+
+@functools.partial(jax.jit, static_argnames=_LOCAL_STATIC)
+def _crd_block(block, lo, span, row0, h, lam, inner, outer, chunk, border, form):
+    return _crd_padded(_pad_columns(block, lo, span, outer // 2, border), row0, h,
+                       lam, inner, outer, chunk, border, form)
 
 
 def crd(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
@@ -942,12 +989,127 @@ def crd(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
     inner, outer = _check_windows(inner, outer, np.shape(batch)[1:3], "crd")
     chunk = _check_chunk(chunk, "crd")
     border = _check_border(border, "crd")
-    if form not in CRD_FORMS:
-        raise InputError(f"crd: form must be one of {CRD_FORMS}, got {form!r}")
-    if not (np.isfinite(lam) and lam >= 0):
-        raise InputError(f"crd: lam must be finite and >= 0, got {lam!r}")
+    _check_crd(form, lam)
     with jax.enable_x64(True), _one_blas_thread():
         out = _crd_batch(_on_device(batch), float(lam), inner, outer, chunk,
                          border, form)
         out = jax.block_until_ready(out)  # the LAPACK calls run in the limit
     return out[0] if single else out
+
+
+# --- LRX and CRD of cubes too large for memory ----------------------------------
+#
+# The same arithmetic as `lrx` / `crd` over blocks of rows: the image's min
+# and max in one streamed pass, then each block read with outer // 2 halo
+# rows (taken across the image's top and bottom as the border says), scaled
+# and scored; pixel (i, j) sees the very window it sees in the whole image.
+# Every block has one shape (the last is shifted back to end at the image's
+# last row, scoring only the rows the others did not): one compilation.
+
+LOCAL_BLOCK_BYTES = 32 << 20  # float64 bytes of one padded block of rows
+
+
+def _global_minmax(cube, chunk_pixels: int, where: str):
+    """The min and max of a cube read in row chunks; refuses NaN and Inf."""
+    lo, hi = np.inf, -np.inf
+    for r, z in _chunks(cube, chunk_pixels):
+        if not np.isfinite(z).all():
+            raise InputError(f"{where}: the cube has NaN or Inf values (rows from "
+                             f"{r}); the detectors need finite numbers")
+        lo, hi = min(lo, float(z.min())), max(hi, float(z.max()))
+    return lo, hi
+
+
+def _halo_rows(cube, r0: int, r1: int, pad: int, border: str, fill: float):
+    """Rows [r0 - pad, r1 + pad) of an (H, W, B) cube as float64 (1, R, W, B):
+    rows beyond the image wrapped, mirrored (NumPy's "reflect") or, for
+    "inside", `fill` (the image's minimum: it scales to the 0 of the
+    whole-image padding, and those positions are masked anyway)."""
+    h = cube.shape[0]
+    a, b = max(0, r0 - pad), min(h, r1 + pad)
+    main = np.asarray(cube[a:b], np.float64)
+    idx = np.arange(r0 - pad, r1 + pad)
+    out = np.empty((idx.size,) + main.shape[1:], np.float64)
+    out[a - (r0 - pad):b - (r0 - pad)] = main
+    for i in np.flatnonzero((idx < a) | (idx >= b)):
+        if border == "inside":
+            out[i] = fill
+            continue
+        src = idx[i] % h if border == "wrap" else (
+            -idx[i] if idx[i] < 0 else 2 * (h - 1) - idx[i])
+        out[i] = (main[src - a] if a <= src < b
+                  else np.asarray(cube[src:src + 1], np.float64)[0])
+    return out[None]
+
+
+def local_block_rows(shape, outer: int, block_bytes: int = LOCAL_BLOCK_BYTES) -> int:
+    """Rows per block of `lrx_streaming` / `crd_streaming`: a multiple of 8
+    (CRD's tiles) whose padded float64 block is about `block_bytes`."""
+    h, w, b = (int(s) for s in shape)
+    per_row = (w + outer) * b * 8
+    rows = max(8, (block_bytes // per_row - outer) // 8 * 8)
+    return min(h, rows)
+
+
+def _local_streaming(score, name, cube, inner, outer, border, block_rows) -> np.ndarray:
+    """score(block, lo, span, row0, h) over the blocks of rows of `cube`."""
+    if np.ndim(cube) != 3:
+        raise InputError(f"{name}_streaming: expected one (H, W, B) cube, got shape "
+                         f"{np.shape(cube)}")
+    h, w, b = cube.shape
+    inner, outer = _check_windows(inner, outer, (h, w), name)
+    border = _check_border(border, name)
+    rows = local_block_rows(cube.shape, outer) if block_rows is None else int(block_rows)
+    if rows < 1:
+        raise InputError(f"{name}_streaming: block_rows must be positive, got {rows}")
+    rows, pad = min(rows, h), outer // 2
+    lo, hi = _global_minmax(cube, max(w, rows * w), name)
+    out = np.empty((h, w), np.float64)
+    with jax.enable_x64(True), _one_blas_thread():
+        lo_, span = jnp.float64(lo), jnp.float64(hi - lo)
+        for own in range(0, h, rows):
+            start = min(own, h - rows)
+            block = _halo_rows(cube, start, start + rows, pad, border, lo)
+            scores = score(jax.device_put(block), lo_, span, jnp.int32(start),
+                           jnp.int32(h))
+            out[own:start + rows] = np.asarray(scores)[0, own - start:]
+    return out
+
+
+def lrx_streaming(cube, inner: int = 3, outer: int = 11, rtol: float = LRX_RTOL,
+                  chunk: int = _LRX_CHUNK, border: str = DEFAULT_BORDER,
+                  form: str = "pinv", delta: float = LRX_DELTA,
+                  block_rows: Optional[int] = None) -> np.ndarray:
+    """`lrx` of one (H, W, B) cube read in blocks of rows (an array, a memory
+    map, or anything sliced `cube[r0:r1]`, such as data.DiskCube): memory is
+    one block of `block_rows` rows and its halo (default `local_block_rows`,
+    ~32 MB of float64) plus the (H, W) map. The scores equal `lrx`'s (the
+    same per-pixel computation, in other chunks).
+
+    Returns:
+      (H, W) float64 NumPy scores.
+    """
+    _check_lrx(form, rtol, delta)
+    chunk = _check_chunk(chunk, "lrx")
+    return _local_streaming(
+        lambda *a: _lrx_block(*a, float(rtol), float(delta), inner, outer, chunk,
+                              border, form),
+        "lrx", cube, inner, outer, border, block_rows)
+
+
+def crd_streaming(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
+                  chunk: int = _CRD_CHUNK, border: str = DEFAULT_BORDER,
+                  form: str = "sum-to-one",
+                  block_rows: Optional[int] = None) -> np.ndarray:
+    """`crd` of one (H, W, B) cube read in blocks of rows, as `lrx_streaming`.
+    Blocks start on CRD's 8-row tile grid (but the last), so the scores are
+    `crd`'s bit for bit where the tiles coincide.
+
+    Returns:
+      (H, W) float64 NumPy scores.
+    """
+    _check_crd(form, lam)
+    chunk = _check_chunk(chunk, "crd")
+    return _local_streaming(
+        lambda *a: _crd_block(*a, float(lam), inner, outer, chunk, border, form),
+        "crd", cube, inner, outer, border, block_rows)

@@ -100,21 +100,32 @@ def build_detector(cfg: EvalConfig) -> Tuple[Detector, EvalConfig]:
     mesh = parallel.make_mesh() if cfg.shard else parallel.one_device_mesh()
     if cfg.method == "rx":
         return _rx_detector(cfg, mesh), cfg
-    if cfg.method == "lrx":
-        conv = local_convention(cfg)
-        return (lambda x, plan=None, **_: (np.asarray(detectors.lrx(
-            x, cfg.inner, cfg.outer, border=conv.border, form=conv.lrx_form,
-            delta=cfg.delta)), {})), cfg
-    if cfg.method == "crd":
-        conv = local_convention(cfg)
-        return (lambda x, plan=None, **_: (np.asarray(detectors.crd(
-            x, cfg.inner, cfg.outer, cfg.lam, border=conv.border,
-            form=conv.crd_form)), {})), cfg
+    if cfg.method in ("lrx", "crd"):
+        return _local_detector(cfg), cfg
     if cfg.method in LEARNED:
         from fers_jax import inference  # pulls in Flax only when needed
         detector, bands = inference.build_detector(cfg, mesh)
         return detector, dataclasses.replace(cfg, bands=bands)
     raise InputError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
+
+
+def _local_detector(cfg: EvalConfig) -> Detector:
+    """LRX or CRD of a batch in memory, or out of core (x a tiling.LazyImage)
+    in blocks of the plan's rows (detectors.lrx_streaming / crd_streaming)."""
+    conv = local_convention(cfg)
+    if cfg.method == "lrx":
+        kw = dict(border=conv.border, form=conv.lrx_form, delta=cfg.delta)
+        whole, streamed = detectors.lrx, detectors.lrx_streaming
+    else:
+        kw = dict(lam=cfg.lam, border=conv.border, form=conv.crd_form)
+        whole, streamed = detectors.crd, detectors.crd_streaming
+
+    def detect(x, plan: Optional[ScenePlan] = None, **_):
+        if plan is not None and plan.path == "out-of-core":
+            return streamed(x.cube_view(), cfg.inner, cfg.outer, **kw,
+                            block_rows=plan.tile[0])[None], {}
+        return np.asarray(whole(x, cfg.inner, cfg.outer, **kw)), {}
+    return detect
 
 
 def local_convention(cfg: EvalConfig) -> detectors.Convention:
@@ -178,14 +189,11 @@ def _batches(files: Sequence[pathlib.Path], cfgs: Sequence[EvalConfig]
                 run, inputs, shapes = [], [], None
             lazy = {}
             for sel, cube in raw.items():
-                if sel[2] == "cube":  # LRX/CRD: in memory (their plan fits)
-                    lazy[sel] = _prepare(np.asarray(cube), (None, 0, "cube"),
-                                         scene.path)[None]
-                    continue
                 rows = _block_rows(cube.shape)
                 lo, hi = data.minmax_streamed(cube, rows, scene.path)
                 band = max((p.tile[0] + 16 for p in plans if p.tile), default=rows)
-                lazy[sel] = tiling.LazyImage(cube, lo, hi, band)
+                lazy[sel] = tiling.LazyImage(cube, lo, hi, band,
+                                             normalised=sel[2] != "cube")
             yield [scene], lazy, plans
             continue
         if planning.is_flight_line(scene.shape):
@@ -455,51 +463,61 @@ def _score(files, methods: List[_Method], stage: pathlib.Path, progress: bool,
               for m in methods}
     for f in folder.values():
         f.mkdir(parents=True, exist_ok=True)
+
+    def detect(scenes, inputs, plans, spill):
+        outputs = {}
+        for m, plan in zip(methods, plans):
+            batch = inputs[_selection(m.cfg)]
+            if plan.path != "out-of-core" and not isinstance(batch, np.ndarray):
+                batch = np.asarray(batch)  # this method fits in memory
+            (spill / m.label).mkdir(parents=True, exist_ok=True)
+            try:
+                outputs[m.label] = _timed(
+                    m.detector, batch, plan, m.seen_shapes, spill_dir=spill / m.label,
+                    progress=progress and plan.path != "whole")
+            except InputError as e:  # e.g. a window larger than this scene
+                more = f" (and {len(scenes) - 1} more)" if len(scenes) > 1 else ""
+                which = "" if single else f"{m.label}: "
+                raise InputError(f"{scenes[0].path}{more}: {which}{e}") from None
+        return outputs
+
+    def write(scene, i, n, plans, outputs):
+        name = _unique_name(scene.name, names)
+        maps = {}
+        for m, plan in zip(methods, plans):
+            all_maps, extras, seconds, compile_s = outputs[m.label]
+            maps[m.label] = np.asarray(all_maps[i], np.float32)
+            m.rows.append({
+                "name": name, "shape": list(scene.shape),
+                **metrics.scene_metrics(all_maps[i], scene.gt, scene.path),
+                "seconds": seconds / n,
+                "compile_seconds": compile_s if i == 0 else 0.0,
+                "plan": {"path": plan.path, "tile": plan.tile,
+                         "fusion": plan.fusion, "rx": plan.rx,
+                         "rx_precision": plan.rx_precision},
+                "path": scene.path, **_wavelengths(scene, m.cfg)})
+            save_npy_blocks(folder[m.label] / f"{name}.npy", maps[m.label])
+            if extras:
+                _export(stage, name if single else f"{m.label}/{name}",
+                        {k: v[i] for k, v in extras.items()})
+        if scored is not None:
+            scored(scene, name, maps, stage)
+
     desc = "+".join(m.label for m in methods)
     # As a context: a failure mid-run closes the bar first, so that the
     # error is printed on a line of its own.
     with _progress(len(files), desc, progress) as bar:
         for scenes, inputs, plans in _batches(files, [m.cfg for m in methods]):
-            outputs = {}
-            for m, plan in zip(methods, plans):
-                batch = inputs[_selection(m.cfg)]
-                if plan.path != "out-of-core" and not isinstance(batch, np.ndarray):
-                    batch = np.asarray(batch)  # this method fits in memory
-                spill = stage / ".spill"
-                spill.mkdir(exist_ok=True)
-                try:
-                    outputs[m.label] = _timed(
-                        m.detector, batch, plan, m.seen_shapes, spill_dir=spill,
-                        progress=progress and plan.path != "whole")
-                except InputError as e:  # e.g. a window larger than this scene
-                    more = (f" (and {len(scenes) - 1} more)"
-                            if len(scenes) > 1 else "")
-                    which = "" if single else f"{m.label}: "
-                    raise InputError(f"{scenes[0].path}{more}: {which}{e}") from None
-                finally:
-                    shutil.rmtree(spill, ignore_errors=True)
-            for i, scene in enumerate(scenes):
-                name = _unique_name(scene.name, names)
-                maps = {}
-                for m, plan in zip(methods, plans):
-                    all_maps, extras, seconds, compile_s = outputs[m.label]
-                    maps[m.label] = np.asarray(all_maps[i], np.float32)
-                    m.rows.append({
-                        "name": name, "shape": list(scene.shape),
-                        **metrics.scene_metrics(all_maps[i], scene.gt, scene.path),
-                        "seconds": seconds / len(scenes),
-                        "compile_seconds": compile_s if i == 0 else 0.0,
-                        "plan": {"path": plan.path, "tile": plan.tile,
-                                 "fusion": plan.fusion, "rx": plan.rx,
-                                 "rx_precision": plan.rx_precision},
-                        "path": scene.path, **_wavelengths(scene, m.cfg)})
-                    save_npy_blocks(folder[m.label] / f"{name}.npy", maps[m.label])
-                    if extras:
-                        _export(stage, name if single else f"{m.label}/{name}",
-                                {k: v[i] for k, v in extras.items()})
-                if scored is not None:
-                    scored(scene, name, maps, stage)
-                bar.update(1)
+            # Out of core, RX inputs and exported features are spilled here
+            # (a folder per method) until the batch's outputs are written.
+            spill = stage / ".spill"
+            try:
+                outputs = detect(scenes, inputs, plans, spill)
+                for i, scene in enumerate(scenes):
+                    write(scene, i, len(scenes), plans, outputs)
+                    bar.update(1)
+            finally:
+                shutil.rmtree(spill, ignore_errors=True)
 
 
 def comparison(blocks: Dict[str, dict]) -> dict:
@@ -529,12 +547,16 @@ PREVIEW_MAX_SIDE = 1024  # larger maps get a downsampled PNG preview
 def save_npy_blocks(path, a: np.ndarray, rows: int = 256) -> None:
     """np.save's .npy, written a block of rows at a time (no full-size
     temporary, whatever `a` is: an array or a memory map)."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(a.dtype)),
-              "fortran_order": False, "shape": tuple(a.shape)}
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        for r in range(0, a.shape[0], rows):
-            f.write(np.ascontiguousarray(a[r:r + rows]).tobytes())
+        _write_npy(f, a, np.dtype(a.dtype), rows)
+
+
+def _write_npy(f, a, dtype: np.dtype, rows: int) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(dtype),
+              "fortran_order": False, "shape": tuple(a.shape)}
+    np.lib.format.write_array_header_1_0(f, header)
+    for r in range(0, a.shape[0], rows):
+        f.write(np.ascontiguousarray(a[r:r + rows], dtype).tobytes())
 
 
 def _wavelengths(scene: data.Scene, cfg: EvalConfig) -> dict:
@@ -547,11 +569,23 @@ def _wavelengths(scene: data.Scene, cfg: EvalConfig) -> dict:
     return {"wavelengths": used, "wavelength_units": scene.wavelength_units}
 
 
-def _export(out: pathlib.Path, name: str, features: Dict[str, np.ndarray]) -> None:
+def _export(out: pathlib.Path, name: str, features: Dict[str, Any]) -> None:
+    """features/<name>.npz: np.savez's format, each array (or a data.DiskCube
+    of a scene out of core) written a block of rows at a time."""
     path = out / "features" / f"{name}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path,
-             **{k: np.asarray(v, np.float32) for k, v in features.items()})
+    save_npz_blocks(path, features)
+
+
+def save_npz_blocks(path, arrays: Dict[str, Any], rows: int = 256) -> None:
+    """np.savez (uncompressed) of float32 arrays, each written `rows` rows at
+    a time into its zip member (an array, a memory map or a data.DiskCube:
+    no full-size copy)."""
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for k, a in arrays.items():
+            with z.open(f"{k}.npy", "w", force_zip64=True) as f:
+                _write_npy(f, a, np.dtype(np.float32), rows)
 
 
 def _summary(cfg: EvalConfig, rows: list) -> dict:

@@ -156,8 +156,10 @@ class ScenePlan:
         sharded over devices), 'tiled' (fers_jax.tiling, one image at a
         time, in memory) or 'out-of-core' (one image read from disk in
         row blocks, RX inputs spilled to disk: resident memory bounded by
-        the tile, not the scene; `budget` says when).
-      tile: (H, W) tile of the tiled path, else None.
+        the tile, not the scene; `budget` says when; LRX and CRD stream
+        blocks of whole rows, detectors.lrx_streaming / crd_streaming).
+      tile: (H, W) tile of the tiled path (out of core, LRX/CRD: (rows of
+        a block, W)), else None.
       fusion: FERS's 'sum' or 'product'; 'ferd' for FERD; None otherwise.
       rx_precision: RX's arithmetic, float64 or float32.
       rx: 'whole' (detectors.rx of a cube) or 'stream' (detectors.rx_streaming).
@@ -228,8 +230,12 @@ def plan_scene(shape: Sequence[int], method: str, tile="auto",
     if method in ("lrx", "crd"):
         plan = ScenePlan(method, "whole", None, None, "float64", "whole",
                          need_bytes=in_memory_bytes(shape, method, "whole", None))
-        _check_budget(plan, budget, shape)
-        return plan
+        if budget is None or plan.need_bytes <= budget or shape[0] != 1:
+            _check_budget(plan, budget, shape)
+            return plan
+        # Out of core: blocks of whole rows (detectors.lrx_streaming).
+        return _out_of_core(shape, method, [(r, w) for r in LOCAL_BLOCK_ROWS],
+                            budget, None, "float64", ())
     chosen = resolve_tile(tile, shape, method, rx_precision)
     if chosen is None:
         mode = "whole" if rx == "auto" else rx
@@ -247,7 +253,15 @@ def plan_scene(shape: Sequence[int], method: str, tile="auto",
         return plan
     fixed = None if (isinstance(tile, str) and tile.strip().lower() == "auto") \
         else parse_tile(tile)
-    candidates = [fixed] if fixed else OUT_OF_CORE_TILES
+    return _out_of_core(shape, method, [fixed] if fixed else OUT_OF_CORE_TILES,
+                        budget, fusion, rx_precision, inputs)
+
+
+def _out_of_core(shape, method, candidates, budget, fusion, rx_precision, inputs
+                 ) -> ScenePlan:
+    """The out-of-core plan with the first candidate tile that fits `budget`;
+    refused, naming the smallest budget that works, when none does."""
+    _, h, w, b = shape
     for t in candidates:
         t = (min(t[0], h), min(t[1], w))
         need = out_of_core_bytes(shape, method, t)
@@ -281,6 +295,9 @@ def _check_budget(plan: ScenePlan, budget, shape):
 # --- Memory, as the plans use it ----------------------------------------------
 
 OUT_OF_CORE_TILES = ((256, 512), (128, 512), (64, 512), (32, 256), (16, 128))
+LOCAL_BLOCK_ROWS = (256, 128, 64, 32, 16, 8)  # LRX/CRD out of core: whole rows
+LOCAL_HALO = 8             # rows and columns of halo budgeted (outer <= 17)
+LOCAL_WORK_BYTES_PER_BAND = 256 * 128 * 8 * 4  # LRX/CRD: a chunk's gathered windows
 DEFAULT_BUDGET_FRACTION = 0.1  # --memory-budget default: of MemAvailable
 TRUNK_WINDOW_BYTES_PER_PIXEL = 80   # see fers_jax.tiling.TiledFeatures
 SPP_TILE_BYTES_PER_PIXEL = 4 * 600  # the student head on an output tile
@@ -297,7 +314,7 @@ def in_memory_bytes(shape, method: str, path: str, tile=None, rx: str = "whole",
     loaded = 2 * 4 * b * px + MAP_BYTES_PER_PIXEL * px
     if path == "whole" or method in ("rx", "lrx", "crd"):
         if method in ("lrx", "crd"):
-            return loaded + 8 * 3 * b * px
+            return loaded + 8 * 3 * b * px + LOCAL_WORK_BYTES_PER_BAND * b
         if method == "rx" and path != "whole":
             return loaded
         return loaded + estimate_bytes(shape, method, rx_precision)
@@ -334,6 +351,9 @@ def out_of_core_bytes(shape, method: str, tile) -> int:
     activations, RX's chunks and the maps; the image itself stays on disk."""
     _, h, w, b = shape
     th, _ = tile
+    if method in ("lrx", "crd"):  # float32 read, float64 block, scaled, padded
+        return int((th + 2 * LOCAL_HALO) * (w + 2 * LOCAL_HALO) * b * (4 + 3 * 8)
+                   + LOCAL_WORK_BYTES_PER_BAND * b + 16 * h * w)
     from_disk = (th + 16) * w * b * (4 + 4 + 8)  # raw block, float64 scaling, float32
     rx_chunk = 4 * ooc_chunk_pixels(shape, tile) * b * 8 + 4 * b * b * 8
     net = 0 if method == "rx" else _tile_bytes(shape, method, tile)

@@ -360,14 +360,14 @@ def detect_tiled(feats: TiledFeatures, x, plan: ScenePlan, export: bool = False,
 
     Returns:
       (maps (N, H, W) in RX's precision, features dict of (N, H, W, B)
-      arrays if `export` else {}).
+      arrays if `export` else {}; out of core, each feature a list of one
+      data.DiskCube over its spill file in `spill_dir`, written tile by tile).
     """
     if plan.method not in ("ferd", "fers"):
         raise InputError(f"tiled detection is for ferd and fers, not {plan.method!r}")
     spill = plan.path == "out-of-core"
-    if spill and (spill_dir is None or export):
-        raise InputError("out-of-core detection needs a spill folder and cannot "
-                         "export features (--export needs the scene in memory)")
+    if spill and spill_dir is None:
+        raise InputError("out-of-core detection needs a spill folder")
     n, h, w, b = x.shape
     names, fusion = plan.rx_inputs, plan.fusion
     maps, exported = [], {}
@@ -388,6 +388,12 @@ def detect_tiled(feats: TiledFeatures, x, plan: ScenePlan, export: bool = False,
                     _own(cubes[k], rows, cols)[...] = v
             if export:
                 for k, v in f.items():
+                    if spill:
+                        if k not in keep:
+                            keep[k] = SpillCube(pathlib.Path(spill_dir) / f"feature-{k}.npy",
+                                                (h, w, b))
+                        keep[k].write(rows[2], cols[2], v[0])
+                        continue
                     keep.setdefault(k, np.empty((1, h, w, b), np.float32))
                     _own(keep[k], rows, cols)[...] = v
         scores = []
@@ -402,8 +408,8 @@ def detect_tiled(feats: TiledFeatures, x, plan: ScenePlan, export: bool = False,
         maps.append(scores[0] if len(scores) == 1 else
                     np.asarray(detectors.fuse(scores, "product")))
         for k, v in keep.items():
-            exported.setdefault(k, []).append(v[0])
-    features = {k: np.stack(v) for k, v in exported.items()}
+            exported.setdefault(k, []).append(v.reader() if spill else v[0])
+    features = {k: v if spill else np.stack(v) for k, v in exported.items()}
     return np.stack(maps), features
 
 
@@ -424,19 +430,23 @@ class LazyImage:
 
     `cube` is anything read by blocks of rows (data.DiskCube, an array);
     rows come back normalised with the image's global (lo, hi)
-    (data.normalise_rows: the in-memory normalisation's numbers). The last
+    (data.normalise_rows: the in-memory normalisation's numbers), or, with
+    `normalised` False, as they are in float64 (LRX/CRD's "cube" scaling;
+    lo and hi then only vouch that the cube was checked). The last
     block read is kept, at least `band_rows` rows, so the tiles of one row
     of tiles (and their halos) read the file once.
     """
 
     ndim = 4
-    dtype = np.dtype(np.float32)
 
-    def __init__(self, cube, lo: float, hi: float, band_rows: int = 64):
+    def __init__(self, cube, lo: float, hi: float, band_rows: int = 64,
+                 normalised: bool = True):
         self.cube, self.lo, self.hi = cube, lo, hi
+        self.normalised = normalised
+        self.dtype = np.dtype(np.float32 if normalised else np.float64)
         self.shape = (1,) + tuple(cube.shape)
         self.band_rows = int(band_rows)
-        self._start, self._block = 0, np.empty((0,) + self.shape[2:], np.float32)
+        self._start, self._block = 0, np.empty((0,) + self.shape[2:], self.dtype)
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
         """Normalised rows [r0, r1) as an (r1 - r0, W, B) array."""
@@ -446,13 +456,15 @@ class LazyImage:
             self._block = None  # release the old block before reading the next
             end = min(self.shape[1], max(r1, r0 + self.band_rows))
             self._start = r0
-            self._block = data.normalise_rows(self.cube[r0:end], self.lo, self.hi)
+            part = self.cube[r0:end]
+            self._block = (data.normalise_rows(part, self.lo, self.hi) if self.normalised
+                           else np.asarray(part, np.float64))
         return self._block[r0 - self._start:r1 - self._start]
 
     def __array__(self, dtype=None, copy=None):
         """The whole normalised image (1, H, W, B), for a method that fits
         in memory."""
-        out = np.empty(self.shape, np.float32)
+        out = np.empty(self.shape, self.dtype)
         for r in range(0, self.shape[1], self.band_rows):
             out[0, r:r + self.band_rows] = self.rows(r, min(self.shape[1], r + self.band_rows))
         return out if dtype is None else out.astype(dtype)

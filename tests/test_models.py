@@ -115,6 +115,28 @@ def test_deconv_doubles_size_without_overlap():
     np.testing.assert_allclose(y[0, 3, 5], k[1, 1] @ x[0, 1, 2], rtol=1e-5)
 
 
+def test_deconv_equals_flax_conv_transpose():
+    """Deconv2x2 (a matmul and a depth-to-space) is flax's transposed conv:
+    the same variables and init, outputs and both gradients to float32
+    rounding."""
+    import flax.linen as nn
+    x = cube(2, 5, 3, 24)
+    ref = nn.ConvTranspose(16, (2, 2), strides=(2, 2), padding="VALID",
+                           use_bias=False, transpose_kernel=True,
+                           kernel_init=layers.torch_default_init)
+    ours = layers.deconv2x2(16)
+    v_ref, v = ref.init(FAST_KEY, x), ours.init(FAST_KEY, x)
+    np.testing.assert_array_equal(v["params"]["kernel"], v_ref["params"]["kernel"])
+    np.testing.assert_allclose(ours.apply(v, x), ref.apply(v_ref, x), rtol=1e-5,
+                               atol=1e-6)
+    def loss(m):
+        return lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+    got = jax.grad(loss(ours), (0, 1))(v, x)
+    want = jax.grad(loss(ref), (0, 1))(v_ref, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
+
+
 def test_spec_initialisation():
     from fers_jax.models.student import Conv2RGB
     x = cube(1, 4, 4, 16)

@@ -2,8 +2,9 @@
 fers_jax.tiling.LazyImage / SpillCube) gives the in-memory maps.
 
 Small scenes with a tiny --memory-budget, through evaluate.py in-process:
-RX, FERD and FERS (sum and the 50-band product fusion) out of core against
-the same run in memory, from .npz, .npy and ENVI BIL; the refusal of a
+RX, FERD and FERS (sum and the 50-band product fusion), LRX and CRD (in
+blocks of rows, each border) out of core against the same run in memory,
+from .npz, .npy and ENVI BIL; --export out of core; the refusal of a
 budget too small for one tile (with the smallest budget that works, which
 then works); and Ctrl-C mid-scene leaving no partial outputs.
 """
@@ -81,6 +82,41 @@ def test_npy_and_envi_bil_out_of_core(tmp_path, capsys, scenes, name):
                                atol=1e-6 * np.abs(ref_map).max())
     if name == "e.hdr":
         assert got["scenes"][0]["auc"] == pytest.approx(ref["scenes"][0]["auc"], abs=1e-6)
+
+
+def test_export_out_of_core_equals_in_memory(tmp_path, capsys, scenes):
+    run(capsys, tmp_path / "mem", scenes / "s.npz", "fers", 8, "--fusion", "sum",
+        "--export")
+    ooc, _ = run(capsys, tmp_path / "ooc", scenes / "s.npz", "fers", 0.05,
+                 "--fusion", "sum", "--export")
+    assert ooc["paths"] == ["out-of-core"]
+    whole = np.load(tmp_path / "mem" / "features" / "s.npz")
+    got = np.load(tmp_path / "ooc" / "features" / "s.npz")
+    assert sorted(got.files) == sorted(whole.files) == ["spa_f", "spe_f"]
+    for k in whole.files:
+        assert got[k].shape == (SHAPE[:2] + (50,)) and got[k].dtype == np.float32
+        np.testing.assert_allclose(got[k], whole[k], rtol=1e-5,
+                                   atol=1e-6 * np.abs(whole[k]).max())
+    assert not list((tmp_path / "ooc").rglob(".spill"))
+
+
+@pytest.mark.parametrize("method,scene,extra", [
+    ("lrx", "s.npz", ["--outer", "7"]),
+    ("crd", "e.hdr", ["--outer", "7", "--border", "reflect"]),
+    ("crd", "s.npz", ["--outer", "7", "--border", "inside", "--convention", "matlab"])])
+def test_lrx_and_crd_out_of_core_equal_in_memory(tmp_path, capsys, scenes, method,
+                                                 scene, extra):
+    # A budget that fits blocks of 16 rows but not the whole scene.
+    shape = (1,) + SHAPE
+    budget = (plan.out_of_core_bytes(shape, method, (16, SHAPE[1])) + 1e5) / 1e9
+    assert budget * 1e9 < plan.in_memory_bytes(shape, method, "whole")
+    whole, whole_map = run(capsys, tmp_path / "mem", scenes / scene, method, 8, *extra)
+    ooc, ooc_map = run(capsys, tmp_path / "ooc", scenes / scene, method, budget, *extra)
+    assert whole["paths"] == ["whole"] and ooc["paths"] == ["out-of-core"]
+    assert ooc["scenes"][0]["plan"]["tile"] == [16, SHAPE[1]]  # 5 blocks, the last shifted
+    assert ooc["scenes"][0]["auc"] == pytest.approx(whole["scenes"][0]["auc"], abs=1e-6)
+    np.testing.assert_allclose(ooc_map, whole_map, rtol=1e-6,
+                               atol=1e-6 * np.abs(whole_map).max())
 
 
 def test_budget_too_small_names_the_smallest_that_works(tmp_path, capsys, scenes):

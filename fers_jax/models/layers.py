@@ -19,7 +19,7 @@ PyTorch-compatibility notes that the code relies on:
 
 import functools
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -192,11 +192,36 @@ conv3x3 = functools.partial(_conv, 3, 1)
 conv7x7 = functools.partial(_conv, 7, 3)
 
 
-def deconv2x2(features: int, **kwargs):
-    """PyTorch ConvTranspose2d(kernel_size=2, stride=2, bias=False): 2x size."""
-    return nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID",
-                            use_bias=False, transpose_kernel=True,
-                            kernel_init=torch_default_init, **kwargs)
+class Deconv2x2(nn.Module):
+    """PyTorch ConvTranspose2d(kernel_size=2, stride=2, bias=False): 2x size.
+
+    The variables, init and values of flax's nn.ConvTranspose(features,
+    (2, 2), strides=(2, 2), transpose_kernel=True): `kernel` (2, 2,
+    features, in). Computed as what it is: with kernel = stride each output
+    pixel (2i + a, 2j + b) sees input pixel (i, j) alone, through tap
+    (a, b), so the transposed conv is one matmul over channels and a
+    depth-to-space. The same numbers to float32 rounding (the sums over
+    channels in another order); its gradients are matmuls too, where XLA:CPU's transposed-conv kernel gradient ran
+    4-21x slower than PyTorch's (benchmarks/results/train_stage1_ops_vm.json).
+    """
+    features: int
+    kernel_init: Callable = torch_default_init
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init,
+                            (2, 2, self.features, x.shape[-1]), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        n, h, w, _ = x.shape
+        y = jnp.einsum("nijc,aboc->niajbo", x, kernel, precision=self.precision)
+        return y.reshape(n, 2 * h, 2 * w, self.features)
+
+
+def deconv2x2(features: int, **kwargs) -> Deconv2x2:
+    return Deconv2x2(features, **kwargs)
 
 
 def biased_conv1x1(features: int, in_features: int, kernel_init=torch_default_init,
