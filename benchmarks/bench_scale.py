@@ -18,7 +18,7 @@ sum fusion. --memory-budget is passed through (default 2 GB: a user with
 a 3 GB machine); results.json's plan says which path ran.
 
   python benchmarks/bench_scale.py --cases 2048x1024:npz:rx,ferd,fers \\
-      [--budget 2] [--work /work/runs/11/bench] [--result NAME.json]
+      [--budget 2] [--tile H,W] [--work /work/runs/11/bench] [--result NAME.json]
 Writes benchmarks/results/scale_cli_<hostname>.json (appending cases).
 """
 
@@ -119,9 +119,11 @@ def student_checkpoint(work: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def run_case(scene, method, budget, work, out):
+def run_case(scene, method, budget, work, out, tile=None):
     argv = [sys.executable, "evaluate.py", "--scenes", str(scene), "--method", method,
             "--out", str(out), "--quiet", "--no-plots", "--memory-budget", str(budget)]
+    if tile:
+        argv += ["--tile", tile]
     if method in ("ferd", "fers"):
         argv += ["--teacher", str(TEACHER), "--bands", str(BANDS)]
     if method == "fers":
@@ -154,6 +156,8 @@ def main():
     p.add_argument("--cases", nargs="+", required=True,
                    help="HxW:format:method[,method...] (format npz, npy or envi)")
     p.add_argument("--budget", type=float, default=2.0)
+    p.add_argument("--tile", help="evaluate.py --tile for every case (default: its "
+                   "own choice, `auto`)")
     p.add_argument("--work", default="/work/runs/11/bench")
     p.add_argument("--result", default=f"scale_cli_{socket.gethostname()}.json",
                    help="file name under benchmarks/results/ (cases are appended)")
@@ -168,7 +172,9 @@ def main():
         h, w = map(int, size.split("x"))
         scene = write_scene(work, h, w, fmt)
         for m in methods.split(","):
-            row = run_case(scene, m, args.budget, work, work / f"out_{size}_{fmt}_{m}")
+            row = run_case(scene, m, args.budget, work, work / f"out_{size}_{fmt}_{m}",
+                           args.tile)
+            row["tile_option"] = args.tile or "auto"
             record["rows"].append(row)
             print(f"{size} {fmt} {m}: {row['plan']['path']} tile {row['plan']['tile']} "
                   f"{row['process_wall_s']:.1f} s, {row['s_per_megapixel']:.1f} s/MP, "

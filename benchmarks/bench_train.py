@@ -280,16 +280,14 @@ def run_stage1(args) -> dict:
 # --- K seeds in one program ------------------------------------------------------------
 
 def run_seeds(args) -> dict:
-    import functools
     from fers_jax import checkpoints
     from fers_jax.training import stage2, state
     teacher, tv = checkpoints.load_teacher(TEACHER, BANDS)
     task = stage2.task(teacher.config, "full", trunk_bn="running")
     optimizer = state.AdamConfig()
-    tx = optimizer.build()
     states = [state.create_train_state(
         task.init_variables(jax.random.key(k), (1, PATCH, PATCH, BANDS), tv),
-        task.trainable, tx) for k in range(args.k)]
+        task.trainable, optimizer.build()) for k in range(args.k)]
     source = patch_source()
     (features,) = task.frozen_features(states[0].variables(), chunk=BATCH).values()
     with input_pipeline.batches(source, BATCH * args.k, seed=0,
@@ -299,31 +297,29 @@ def run_seeds(args) -> dict:
                 "spe_f": features(images[i * BATCH:(i + 1) * BATCH])}
                for i in range(args.k)]
     one = state.jit_train_step(task, optimizer)
-    pure = functools.partial(state.train_step, task.loss_fn, tx)
     stack = lambda trees: jax.tree.map(lambda *a: np.stack(a), *trees)
-    many = {"same_batch": jax.jit(jax.vmap(pure, in_axes=(0, None)),
-                                  donate_argnums=0),
-            "per_seed_batch": jax.jit(jax.vmap(pure), donate_argnums=0)}
-    inputs = {"same_batch": jax.device_put(batches[0]),
-              "per_seed_batch": jax.device_put(stack(batches))}
+    # What train.py --seeds runs (axis 'auto': 'map' on CPU), and the other.
+    many = {axis: state.jit_train_step_seeds(task, optimizer, axis=axis)
+            for axis in ("map", "vmap")}
+    stacked_batch = jax.device_put(stack(batches))
     singles = [jax.device_put(b) for b in batches]
     stacked = {k: jax.device_put(stack(states)) for k in many}
 
-    def run_singles(same):
+    def run_singles():
         for i in range(args.k):
-            states[i], m = one(states[i], singles[0 if same else i])
+            states[i], m = one(states[i], singles[i])
         bi.block((states, m))
 
     def run_many(kind):
-        stacked[kind], m = many[kind](stacked[kind], inputs[kind])
+        stacked[kind], m = many[kind](stacked[kind], stacked_batch)
         bi.block((stacked[kind], m))
-    first = {"one_seed_x_k": _time(lambda: run_singles(True))}
+    first = {"one_seed_x_k": _time(run_singles)}
     for kind in many:
         first[kind] = _time(lambda: run_many(kind))
     times = {k: [] for k in first}
     load = [bi.loadavg()]
     for _ in range(args.repeats):
-        times["one_seed_x_k"].append(_time(lambda: run_singles(True)))
+        times["one_seed_x_k"].append(_time(run_singles))
         for kind in many:
             times[kind].append(_time(lambda: run_many(kind)))
         load.append(bi.loadavg())
@@ -335,10 +331,11 @@ def run_seeds(args) -> dict:
             "loadavg": load, "summary": {
                 **{f"{k}_s": v for k, v in med.items()},
                 **{f"speedup_{k}": med["one_seed_x_k"] / med[k] for k in many}},
-            "note": "one_seed_x_k: K calls of the one-seed jitted step (each "
-                    "its own state, the same batch); same_batch / "
-                    "per_seed_batch: one call of jit(vmap(train_step)) over "
-                    "the K stacked states"}
+            "note": "one_seed_x_k: K calls of the one-seed jitted step, each its "
+                    "own state and batch; map / vmap: one call of "
+                    "state.jit_train_step_seeds(axis=...) over the K stacked "
+                    "states and batches (train.py --seeds runs 'auto': map on "
+                    "CPU, vmap elsewhere)"}
 
 
 # --- Main ------------------------------------------------------------------------------

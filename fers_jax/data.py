@@ -284,6 +284,32 @@ def _memmap_rows(path, dtype, shape, offset):
     return read
 
 
+def _interleaved_rows(path, dtype, shape, offset, interleave: str):
+    """`_memmap_rows` for an ENVI data file of any interleave: rows [r0, r1)
+    as (rows, W, B), from a memory map of just those rows (BIL, BIP) or of
+    the file with only those rows' pages touched (BSQ), released once copied."""
+    h, w, b = shape
+    if interleave == "bip":
+        return _memmap_rows(path, dtype, shape, offset)
+    item = np.dtype(dtype).itemsize
+
+    def read(r0, r1):
+        if r1 <= r0:
+            return np.empty((0, w, b), dtype)
+        if interleave == "bil":
+            m = np.memmap(path, dtype, "r", offset=offset + r0 * b * w * item,
+                          shape=(r1 - r0, b, w))
+            order = (0, 2, 1)
+        else:  # bsq
+            m = np.memmap(path, dtype, "r", offset=offset, shape=(b, h, w))[:, r0:r1]
+            order = (1, 2, 0)
+        try:
+            return np.ascontiguousarray(m.transpose(order))
+        finally:
+            del m
+    return read
+
+
 def _stand_in(shape, dtype) -> np.ndarray:
     """A zero-stride array with a file array's shape and dtype (no memory):
     what `_match_key` needs to choose keys before anything is read."""
@@ -482,6 +508,7 @@ def open_envi(path: pathlib.Path, drop_bad_bands: bool = False):
     except Exception as e:  # noqa: BLE001
         raise InputError(f"{path}: not a readable ENVI scene ({e})") from None
     data_file = pathlib.Path(img.filename)
+    del img  # its memory map of the whole file is not used (see below)
     need = offset + lines * samples * bands * np.dtype(ENVI_DTYPES[dtype_code]).itemsize
     have = data_file.stat().st_size
     if have != need:
@@ -490,11 +517,14 @@ def open_envi(path: pathlib.Path, drop_bad_bands: bool = False):
                          f"{ENVI_DTYPES[dtype_code]}, offset {offset}) says {need}: "
                          + ("truncated" if have < need else "longer than the header says"))
 
-    def read(r0, r1):
-        if r1 <= r0:
-            return np.empty((0, samples, bands), ENVI_DTYPES[dtype_code])
-        return img.read_subregion((r0, r1), (0, samples))
-
+    # Blocks are read by `_interleaved_rows`, not spectral's read_subregion:
+    # spectral keeps a memory map of the whole data file open, and every page
+    # a pass touches stays in resident memory (measured: FERD out of core on
+    # a 3.4 GB BIL scene peaked at 4.8 GB, against 1.5 GB from the same
+    # cube as .npy).
+    stored = np.dtype(ENVI_DTYPES[dtype_code]).newbyteorder("<>"[byte_order])
+    read = _interleaved_rows(data_file, stored, (lines, samples, bands), offset,
+                             interleave)
     cube = DiskCube((lines, samples, bands), read, path,
                     stored=np.dtype(ENVI_DTYPES[dtype_code]))
     if drop_bad_bands and bbl is not None:

@@ -294,7 +294,8 @@ def _check_budget(plan: ScenePlan, budget, shape):
 
 # --- Memory, as the plans use it ----------------------------------------------
 
-OUT_OF_CORE_TILES = ((256, 512), (128, 512), (64, 512), (32, 256), (16, 128))
+OUT_OF_CORE_TILES = ((256, 512), (128, 512), (64, 512), (32, 1024), (32, 512), (32, 256),
+                     (16, 128))  # by preference: the largest that fits the budget
 LOCAL_BLOCK_ROWS = (256, 128, 64, 32, 16, 8)  # LRX/CRD out of core: whole rows
 LOCAL_HALO = 8             # rows and columns of halo budgeted (outer <= 17)
 LOCAL_WORK_BYTES_PER_BAND = 256 * 128 * 8 * 4  # LRX/CRD: a chunk's gathered windows

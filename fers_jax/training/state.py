@@ -171,17 +171,41 @@ def unstack_state(stacked: TrainState, k: int) -> TrainState:
     return jax.tree.map(lambda x: x[k], stacked)
 
 
-def jit_train_step_seeds(task, optimizer: AdamConfig, mesh=None):
+SEED_AXIS = ("auto", "vmap", "map")
+
+
+def jit_train_step_seeds(task, optimizer: AdamConfig, mesh=None, axis: str = "auto"):
     """`step(stacked state, stacked batch) -> (stacked state, measurements)`:
-    `train_step` vmapped over axis 0 of the state and of the batch (K, N, H, W,
-    B), so K replicas (seeds) train in one jitted computation; each replica's
+    `train_step` over axis 0 of the state and of the batch (K, N, H, W, B),
+    so K replicas (seeds) train in one jitted computation; each replica's
     measurements come back with a leading K axis. With a `mesh`, the state
-    is replicated and each replica's batch split over 'data'."""
-    return _jit_train_step_seeds(task, optimizer, mesh)
+    is replicated and each replica's batch split over 'data'.
+
+    `axis`: 'vmap' (one batched computation: every conv of K kernels becomes
+    one grouped conv), 'map' (a lax.map over the replicas inside the one
+    program: each conv as in a one-seed step) or 'auto': 'map' on CPU,
+    where XLA's grouped convolutions make the vmapped step slower than K
+    one-seed steps (benchmarks/results/train_seeds_vm.json), 'vmap'
+    elsewhere (chosen when the step is lowered, lax.platform_dependent).
+    """
+    if axis not in SEED_AXIS:
+        raise ValueError(f"axis must be one of {SEED_AXIS}, got {axis!r}")
+    return _jit_train_step_seeds(task, optimizer, mesh, axis)
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_train_step_seeds(task, optimizer, mesh):
+def _jit_train_step_seeds(task, optimizer, mesh, axis):
     shardings = {} if mesh is None else parallel.seed_step_shardings(mesh)
-    step = jax.vmap(functools.partial(train_step, task.loss_fn, optimizer.build()))
+    one = functools.partial(train_step, task.loss_fn, optimizer.build())
+    vmapped = jax.vmap(one)
+
+    def mapped(state, batch):
+        return jax.lax.map(lambda sb: one(*sb), (state, batch))
+
+    if axis == "auto":
+        def step(state, batch):
+            return jax.lax.platform_dependent(state, batch, cpu=mapped,
+                                              default=vmapped)
+    else:
+        step = vmapped if axis == "vmap" else mapped
     return jax.jit(step, donate_argnums=0, **shardings)
