@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "810 for 100, 370 for 50, 850 for 200 AVIRIS bands, else 0)")
     p.add_argument("--seeds", type=int, default=None, metavar="K",
                    help="train K replicas, seeds --seed .. --seed+K-1, in one "
-                        "program (one vmapped train step): DIR/seed_<s>/ each "
+                        "program (one jitted train step over the stacked replicas): DIR/seed_<s>/ each "
                         "(metrics, checkpoints, best/, final/), DIR/seeds.json "
                         "their best epochs' mean and std (default: one run)")
     p.add_argument("--sensor", default="aviris_ng",

@@ -54,7 +54,7 @@ class TrainConfig:
       train_trunk: stage 2: the ResNet-34 trunk trains too (an ablation;
         the reference freezes it).
       seeds: K: train K replicas, seeds `seed` .. `seed` + K - 1, in one
-        program (one vmapped step; OUT/seed_<s>/ each, OUT/seeds.json);
+        program (one step over the stacked replicas; OUT/seed_<s>/ each, OUT/seeds.json);
         None: one run.
       sensor: HAD100 sensor folder ('aviris_ng' or 'aviris').
       learning_rate, b1, b2, eps: Adam, as torch.optim.Adam.

@@ -705,7 +705,7 @@ def _finish(run: _Run) -> dict:
 # K replicas, seeds cfg.run_seed .. cfg.run_seed + K - 1, each an ordinary
 # one-seed run in OUT/seed_<s>/ (its own config.json, metrics.jsonl,
 # checkpoints/, best/, final/, summary.json: a one-seed run of that seed could
-# resume it), trained together by one jitted step vmapped over their stacked
+# resume it), trained together by one jitted step over their stacked
 # states and batches (each replica draws its own batch order from its seed).
 # OUT/seeds.json gathers the replicas' best epochs: mean and std of the metric.
 
@@ -775,7 +775,7 @@ def train_seeds(cfg: TrainConfig, mesh=None) -> dict:
 
 
 def _train_seeds(runs) -> Optional[str]:
-    """`_train` for stacked replicas: one vmapped step per batch of each."""
+    """`_train` for stacked replicas: one step (state.jit_train_step_seeds) per batch of each."""
     from tqdm import tqdm
     first = runs[0]
     cfg = first.cfg
