@@ -1051,8 +1051,10 @@ def local_block_rows(shape, outer: int, block_bytes: int = LOCAL_BLOCK_BYTES) ->
     return min(h, rows)
 
 
-def _local_streaming(score, name, cube, inner, outer, border, block_rows) -> np.ndarray:
-    """score(block, lo, span, row0, h) over the blocks of rows of `cube`."""
+def _local_streaming(score, name, cube, inner, outer, border, block_rows,
+                     minmax=None) -> np.ndarray:
+    """score(block, lo, span, row0, h) over the blocks of rows of `cube`;
+    `minmax`: the cube's (min, max) if already known (else one pass)."""
     if np.ndim(cube) != 3:
         raise InputError(f"{name}_streaming: expected one (H, W, B) cube, got shape "
                          f"{np.shape(cube)}")
@@ -1063,7 +1065,8 @@ def _local_streaming(score, name, cube, inner, outer, border, block_rows) -> np.
     if rows < 1:
         raise InputError(f"{name}_streaming: block_rows must be positive, got {rows}")
     rows, pad = min(rows, h), outer // 2
-    lo, hi = _global_minmax(cube, max(w, rows * w), name)
+    lo, hi = minmax if minmax is not None else _global_minmax(cube, max(w, rows * w),
+                                                              name)
     out = np.empty((h, w), np.float64)
     with jax.enable_x64(True), _one_blas_thread():
         lo_, span = jnp.float64(lo), jnp.float64(hi - lo)
@@ -1079,12 +1082,13 @@ def _local_streaming(score, name, cube, inner, outer, border, block_rows) -> np.
 def lrx_streaming(cube, inner: int = 3, outer: int = 11, rtol: float = LRX_RTOL,
                   chunk: int = _LRX_CHUNK, border: str = DEFAULT_BORDER,
                   form: str = "pinv", delta: float = LRX_DELTA,
-                  block_rows: Optional[int] = None) -> np.ndarray:
+                  block_rows: Optional[int] = None, minmax=None) -> np.ndarray:
     """`lrx` of one (H, W, B) cube read in blocks of rows (an array, a memory
     map, or anything sliced `cube[r0:r1]`, such as data.DiskCube): memory is
     one block of `block_rows` rows and its halo (default `local_block_rows`,
     ~32 MB of float64) plus the (H, W) map. The scores equal `lrx`'s (the
-    same per-pixel computation, in other chunks).
+    same per-pixel computation, in other chunks). `minmax`: the cube's
+    (min, max) when the caller has it (saves a pass over the disk).
 
     Returns:
       (H, W) float64 NumPy scores.
@@ -1094,13 +1098,13 @@ def lrx_streaming(cube, inner: int = 3, outer: int = 11, rtol: float = LRX_RTOL,
     return _local_streaming(
         lambda *a: _lrx_block(*a, float(rtol), float(delta), inner, outer, chunk,
                               border, form),
-        "lrx", cube, inner, outer, border, block_rows)
+        "lrx", cube, inner, outer, border, block_rows, minmax)
 
 
 def crd_streaming(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
                   chunk: int = _CRD_CHUNK, border: str = DEFAULT_BORDER,
                   form: str = "sum-to-one",
-                  block_rows: Optional[int] = None) -> np.ndarray:
+                  block_rows: Optional[int] = None, minmax=None) -> np.ndarray:
     """`crd` of one (H, W, B) cube read in blocks of rows, as `lrx_streaming`.
     Blocks start on CRD's 8-row tile grid (but the last), so the scores are
     `crd`'s bit for bit where the tiles coincide.
@@ -1112,4 +1116,4 @@ def crd_streaming(cube, inner: int = 3, outer: int = 11, lam: float = 1e-6,
     chunk = _check_chunk(chunk, "crd")
     return _local_streaming(
         lambda *a: _crd_block(*a, float(lam), inner, outer, chunk, border, form),
-        "crd", cube, inner, outer, border, block_rows)
+        "crd", cube, inner, outer, border, block_rows, minmax)

@@ -122,8 +122,9 @@ def _local_detector(cfg: EvalConfig) -> Detector:
 
     def detect(x, plan: Optional[ScenePlan] = None, **_):
         if plan is not None and plan.path == "out-of-core":
+            known = None if x.normalised else (x.lo, x.hi)  # raw: the pass done
             return streamed(x.cube_view(), cfg.inner, cfg.outer, **kw,
-                            block_rows=plan.tile[0])[None], {}
+                            block_rows=plan.tile[0], minmax=known)[None], {}
         return np.asarray(whole(x, cfg.inner, cfg.outer, **kw)), {}
     return detect
 
