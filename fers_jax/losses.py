@@ -13,7 +13,7 @@ Stage 1, reverse distillation:
     total = 0.1 bce + 0.1 mse(x, recon) + 1.0 distillation_cosine(enc, dec)
 """
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +105,14 @@ def cosine(spe_f, spa_f):
     return 1.0 + jnp.mean(_cosine_similarity(spe_f, spa_f, axis=-1))
 
 
+def _variance_parts(spa_f):
+    """(hinge, l1) of the variance-preserving term (see variance_preserving)."""
+    n, h, w, c = spa_f.shape
+    var = jnp.var(spa_f.reshape(n, h * w, c), axis=1, ddof=1)
+    hinge = jnp.mean(jax.nn.relu(1.0 - jnp.mean(var, axis=0)))
+    return hinge, jnp.mean(jnp.abs(spa_f))
+
+
 def variance_preserving(spa_f):
     """Keeps the student's features alive and sparse.
 
@@ -113,10 +121,8 @@ def variance_preserving(spa_f):
     stops the decorrelation loss from being met by collapsing channels to a
     constant, and the L1 term keeps magnitudes small.
     """
-    n, h, w, c = spa_f.shape
-    var = jnp.var(spa_f.reshape(n, h * w, c), axis=1, ddof=1)
-    hinge = jnp.mean(jax.nn.relu(1.0 - jnp.mean(var, axis=0)))
-    return hinge + jnp.mean(jnp.abs(spa_f))
+    hinge, l1 = _variance_parts(spa_f)
+    return hinge + l1
 
 
 def _gaussian_window(size, sigma):
@@ -177,12 +183,38 @@ def ssim_loss(a, b, window_size=5, max_val=1.0):
 
 
 class Stage2Weights(NamedTuple):
-    """Weights of the stage-2 terms; the defaults are the reference's."""
+    """Weights of the stage-2 terms; the defaults are the reference's.
+
+    `l1` weighs the L1 part of the variance term on its own (an ablation,
+    issue 10: the L1 push is what shrinks spa_f); None: `var` weighs the
+    whole term, hinge and L1, as the reference does.
+    """
     cc: float = 1.0
     cos: float = 0.1
     var: float = 0.1
     mse: float = 1.0
     ssim: float = 0.01
+    l1: Optional[float] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Stage2Weights":
+        """From 'name=value,...' (any subset of the fields; the rest default)."""
+        fields = {}
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            name, sep, value = item.partition("=")
+            name = name.strip()
+            if not sep or name not in cls._fields:
+                raise InputError(f"--loss-weights: {item!r} is not NAME=VALUE "
+                                 f"with NAME one of {', '.join(cls._fields)}")
+            try:
+                fields[name] = float(value)
+            except ValueError:
+                raise InputError(f"--loss-weights: {name}={value!r} is not a "
+                                 f"number") from None
+            if not fields[name] >= 0:
+                raise InputError(f"--loss-weights: {name} must be >= 0, got "
+                                 f"{value}")
+        return cls(**fields)
 
 
 def stage2_loss(spe_f, spa_f, recon, x, weights=Stage2Weights()):
@@ -197,17 +229,20 @@ def stage2_loss(spe_f, spa_f, recon, x, weights=Stage2Weights()):
 
     Returns:
         (total, terms): the weighted sum and a dict of the unweighted terms
-        "cc", "cos", "var", "mse", "ssim".
+        "cc", "cos", "var", "mse", "ssim", and "l1", the L1 part of "var".
     """
+    hinge, l1 = _variance_parts(spa_f)
     terms = {
         "cc": cross_covariance(spe_f, spa_f),
         "cos": cosine(spe_f, spa_f),
-        "var": variance_preserving(spa_f),
+        "var": hinge + l1,
         "mse": mse(recon, x),
         "ssim": ssim_loss(recon, x),
     }
     total = sum(getattr(weights, k) * v for k, v in terms.items())
-    return total, terms
+    if weights.l1 is not None:  # the L1 part weighed on its own
+        total = total + (weights.l1 - weights.var) * l1
+    return total, {**terms, "l1": l1}
 
 
 # --- Stage 1 ---------------------------------------------------------------

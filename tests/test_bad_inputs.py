@@ -707,6 +707,8 @@ TRAIN_CASES = {
                     "not a readable MATLAB file"),
     "out_under_a_file": (lambda d: ["--out", d / "file" / "run"], "{d}/file/run",
                          "cannot create the run folder"),
+    "loss_weights_stage1": (lambda d: ["--loss-weights", "l1=0"], "--loss-weights",
+                            "is a stage-2 option"),
 }
 
 
@@ -734,6 +736,14 @@ def test_train_stage2_teacher_faults(tmp_path, capsys, teacher, problem):
 def test_train_script_one_line_error(tmp_path):
     proc = script("train.py", *_train_argv(tmp_path, data=tmp_path / "absent"))
     assert_script_error(proc, tmp_path / "absent", "no such file or folder")
+
+
+def test_train_stage2_bad_loss_weights(tmp_path, capsys):
+    argv = _train_argv(tmp_path, "--teacher", CHECKPOINTS / "50bands",
+                       "--loss-weights", "var=0.5,l1=lots")
+    argv[0] = "stage2"
+    code, err = call(train.main, argv, capsys)
+    assert_error(code, err, "--loss-weights", "l1='lots' is not a number")
 
 
 # --- Python API --------------------------------------------------------------

@@ -263,3 +263,25 @@ def test_jit_matches_eager_and_shapes_are_checked():
         float(losses.stage1_loss(out, x1)[0]), rtol=1e-5)
     with pytest.raises(InputError):
         losses.stage2_loss(spe, spa, rec[:, :-1], x)
+
+
+def test_l1_weight_splits_the_variance_term():
+    spe, spa, rec, x = (random_nhwc(s) for s in (60, 61, 62, 63))
+    ref_total, ref = losses.stage2_loss(spe, spa, rec, x)
+    np.testing.assert_allclose(float(ref["l1"]), float(jnp.mean(jnp.abs(spa))),
+                               rtol=1e-6)
+    # l1 = var is the reference's single term; l1 = 0 drops the L1 part only.
+    same, _ = losses.stage2_loss(spe, spa, rec, x, losses.Stage2Weights(l1=0.1))
+    np.testing.assert_allclose(float(same), float(ref_total), rtol=1e-6)
+    no_l1, _ = losses.stage2_loss(spe, spa, rec, x, losses.Stage2Weights(l1=0.0))
+    np.testing.assert_allclose(float(no_l1), float(ref_total - 0.1 * ref["l1"]),
+                               rtol=1e-6)
+
+
+def test_loss_weights_parse():
+    w = losses.Stage2Weights.parse("var=0.5, l1=0")
+    assert (w.var, w.l1, w.cc) == (0.5, 0.0, 1.0)
+    assert losses.Stage2Weights.parse("") == losses.Stage2Weights()
+    for bad in ("var", "foo=1", "var=x", "cc=-1"):
+        with pytest.raises(InputError, match="--loss-weights"):
+            losses.Stage2Weights.parse(bad)

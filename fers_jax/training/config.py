@@ -9,6 +9,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 from fers_jax.errors import InputError
+from fers_jax.losses import Stage2Weights
 
 STAGES = ("stage1", "stage2")
 MODEL_SIZES = ("full", "tiny")
@@ -64,6 +65,9 @@ class TrainConfig:
         inference, see README "Trained models").
       bce_on_logits: stage 1: BCE on the logits instead of the reference's
         BCE on the sigmoid output.
+      loss_weights: stage 2: 'name=value,...' overriding the reference's loss
+        weights (losses.Stage2Weights: cc, cos, var, mse, ssim, and l1, the
+        variance term's L1 part on its own); None: the reference's.
       feature_cache: stage 2: a folder keeping the frozen teacher's spe_f
         of every training image as files (None: in memory, for this run).
       checkpoint_every: also save every this many steps (None: each epoch).
@@ -97,6 +101,7 @@ class TrainConfig:
     trunk_bn: str = "running"
     bce_on_logits: bool = False
     feature_cache: Optional[str] = None
+    loss_weights: Optional[str] = None
     train_trunk: bool = False
     checkpoint_every: Optional[int] = None
     log_every: int = 1
@@ -130,6 +135,10 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise InputError(f"the learning rate must be positive, got "
                              f"{self.learning_rate}")
+        if self.loss_weights is not None:
+            if self.stage != "stage2":
+                raise InputError("--loss-weights is a stage-2 option")
+            self.stage2_weights  # parses, or says what is wrong
         if self.stage == "stage2" and not self.teacher:
             raise InputError("stage 2 needs --teacher CKPT (a published "
                              "teacher folder or a stage-1 checkpoint)")
@@ -138,6 +147,10 @@ class TrainConfig:
     def run_seed(self) -> int:
         return self.seed if self.seed is not None else default_seed(
             self.bands, self.sensor)
+
+    @property
+    def stage2_weights(self) -> Stage2Weights:
+        return Stage2Weights.parse(self.loss_weights or "")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v

@@ -60,7 +60,8 @@ from fers_jax.training.state import (AdamConfig, TrainState, count,
 # Settings that must not change when a run is resumed.
 RESUME_FIELDS = ("stage", "bands", "band_start", "model", "batch_size",
                  "patch_size", "stride", "sensor", "learning_rate", "b1", "b2",
-                 "eps", "trunk_bn", "bce_on_logits", "train_trunk")
+                 "eps", "trunk_bn", "bce_on_logits", "train_trunk",
+                 "loss_weights")
 
 
 class TrainingError(FersError):
@@ -159,7 +160,8 @@ def build_task(cfg: TrainConfig, key, shape):
         teacher, teacher_vars = model_checkpoints.load_teacher(cfg.teacher,
                                                                cfg.bands)
         task = stage2.task(teacher.config, cfg.model, trunk_bn=cfg.trunk_bn,
-                           train_trunk=cfg.train_trunk)
+                           train_trunk=cfg.train_trunk,
+                           weights=cfg.stage2_weights)
         variables = task.init_variables(key, shape, teacher_vars, cfg.imagenet)
     if cfg.imagenet is None:
         what = ("encoder" if cfg.stage == "stage1" else "student trunk")
