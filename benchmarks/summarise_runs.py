@@ -4,7 +4,8 @@ the first --epochs epochs, its val mAUC and per-scene AUC, spa_f's scale;
 mean and std (ddof 1) over the runs of each group.
 
   python benchmarks/summarise_runs.py --group 50=RUN_A,RUN_B,RUN_C:5 \\
-      --group 100=RUN_D,RUN_E:2 --out benchmarks/results/trained_students.json
+      --group 100=RUN_D,RUN_E:2 --out benchmarks/results/trained_students.json \\
+      [--markdown]   (also print a table: a row per group, mAUC by epoch)
 """
 
 import argparse
@@ -41,6 +42,7 @@ def main(argv=None):
     p.add_argument("--group", action="append", required=True,
                    metavar="LABEL=RUN,RUN,...:MAX_EPOCH")
     p.add_argument("--out", required=True)
+    p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     out = {"uptime": subprocess.run(["uptime"], capture_output=True,
                                     text=True).stdout.strip(), "groups": {}}
@@ -62,6 +64,33 @@ def main(argv=None):
         print(label, f"{np.mean(m):.4f} +- {np.std(m, ddof=1) if len(m) > 1 else 0:.4f}",
               [(r["seed"], r["epoch"], round(r["val_mauc"], 4)) for r in rows])
     pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.markdown:
+        print(markdown(out["groups"]))
+
+
+def markdown(groups) -> str:
+    """A row per group: best selectable epoch (mean +- std over its runs) and,
+    for one-run groups, val mAUC and spa_f max at every epoch."""
+    epochs = max(len(r["per_epoch"]) for g in groups.values() for r in g["runs"])
+    head = ["group", "runs", "best (mean +- std)", "best epoch(s)",
+            *(f"ep {e}" for e in range(1, epochs + 1))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, g in groups.items():
+        std = g["val_mauc_std"]
+        best = f"{g['val_mauc_mean']:.4f}" + (f" +- {std:.4f}" if std else "")
+        cells = [label, str(len(g["runs"])), best,
+                 ", ".join(str(r["epoch"]) for r in g["runs"])]
+        per = g["runs"][0]["per_epoch"] if len(g["runs"]) == 1 else []
+        for e in range(epochs):
+            if e < len(per):
+                r = per[e]
+                spa = r["spa_max"]
+                cells.append(f"{r['val_mauc']:.4f} ({spa:.2g})" if spa is not None
+                             else f"{r['val_mauc']:.4f}")
+            else:
+                cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
