@@ -222,7 +222,7 @@ def test_full_sizes_trace():
             (task1, lambda k: task1.init_variables(k, x.shape),
              {"bce", "mse", "cos"}),
             (task2, lambda k: task2.init_variables(k, x.shape, teacher_vars),
-             {"cc", "cos", "var", "mse", "ssim"})):
+             {"cc", "cos", "var", "l1", "mse", "ssim"})):
         st = jax.eval_shape(
             lambda k: state.create_train_state(init(k), task.trainable, tx), key)
         new, measured = jax.eval_shape(
