@@ -129,14 +129,14 @@ def jax_epochs(epochs: int, out: pathlib.Path, extra=()) -> dict:
 class _TorchPatches(torch.utils.data.Dataset):
     """The reference's Dataset: one patch, band-selected and normalised, NCHW."""
 
-    def __init__(self, source):
-        self.source = source
+    def __init__(self, source, bands: int = BANDS):
+        self.source, self.bands = source, bands
 
     def __len__(self):
         return len(self.source)
 
     def __getitem__(self, i):
-        x = self.source[i]["image"][..., :BANDS].astype(np.float32)
+        x = self.source[i]["image"][..., :self.bands].astype(np.float32)
         lo, hi = x.min(), x.max()
         x = ((x - lo) / (hi - lo) * 2 - 1) * 0.1
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
