@@ -36,7 +36,7 @@ def main():
               f"**{g['val_mauc_mean']:.4f} +- {g['val_mauc_std']:.4f}** | "
               f"{shipped['validation']['fers_mauc']:.4f} |")
         other = "sum" if fusion == "product" else "product"
-        print(f"\nFusion ablation (seed 0's best student): {fusion} "
+        print(f"\nFusion ablation (the shipped student): {fusion} "
               f"{m['s0_' + fusion]:.4f}, {other} {m['s0_' + other]:.4f}; zero "
               f"student {fusion} {m['zero_' + fusion]:.4f}, {other} "
               f"{m['zero_' + other]:.4f}.")

@@ -1,11 +1,12 @@
 #!/bin/bash
-# The stage-2 ablations of README "Trained models" (issue 10), one seed each:
-# epochs, the variance term's L1 weight and the patch size, at 50 and 100
-# bands, every run selected on scenes/ (--val) and resumable (run the same
-# command again after an interruption).
+# The stage-2 runs of README "Trained models" (issue 10): the 3-seed runs of
+# the shipped settings at 50 and 100 bands (one program each, --seeds 3), and
+# the ablations (one seed each unless said): the variance term's L1 weight and
+# the patch size, at 50 and 100 bands; every run selected on scenes/ (--val)
+# and resumable (run the same command again after an interruption).
 #   bash recipes/ablate_students.sh [RUNS_DIR] [EPOCHS]   (from the repo root)
 # Summarise with benchmarks/summarise_runs.py (see README).
-# Cost on a quiet 2-core CPU: ~40 s an epoch at 100 bands, patch 32.
+# Cost on a quiet 2-core CPU: ~35 s an epoch of one seed, validation included.
 set -euo pipefail
 RUNS=${1:-runs/ablate}
 EPOCHS=${2:-8}
@@ -24,3 +25,6 @@ run b50_p48_l1off 50 48 --loss-weights l1=0
 run b100_p32 100 32                      # the shipped setting, longer
 run b100_p32_l1off 100 32 --loss-weights l1=0
 run b100_p48 100 48
+run seeds_b50 50 32 --seeds 3
+run seeds_b100 100 32 --seeds 3
+run seeds_b100_l1off 100 32 --seeds 3 --loss-weights l1=0
