@@ -25,6 +25,7 @@ settings and epochs) with the difference of means.
 """
 
 import argparse
+import itertools
 import json
 import pathlib
 import subprocess
@@ -55,8 +56,8 @@ def train_seed(bands, seed, epochs, source, val, task, log, max_steps=None):
     records, n = [], 0
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        losses = [float(step(x)["loss"]) for i, x in enumerate(loader)
-                  if max_steps is None or i < max_steps]
+        losses = [float(step(x)["loss"])
+                  for x in itertools.islice(loader, max_steps)]
         n += len(losses)
         seconds = time.perf_counter() - t0
         variables, _, _ = bts.jax_variables(tr.CHECKPOINTS / f"{bands}bands",
