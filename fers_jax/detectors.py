@@ -324,38 +324,113 @@ def _chunks(cube, chunk_pixels):
         yield r, np.asarray(cube[r:r + rows]).reshape(-1, b)
 
 
+@jax.jit
+def _block_range(z):
+    return jnp.min(z), jnp.max(z), jnp.isfinite(z).all()
+
+
+@jax.jit
+def _block_moments(z, shift, total, scatter):
+    d = z.astype(shift.dtype) - shift
+    return total + d.sum(axis=0), scatter + _scatter(d)
+
+
+class RXAccumulator:
+    """RX's statistics of one (H, W, B) cube, accumulated block by block.
+
+    `add` takes the pixels (..., B) of each block once, in any order and
+    as they come (a tiled path's RX inputs while they are spilled); `stats`
+    gives `rx_stats`. With float64 one pass is enough: the exact min and
+    max, and the sum and scatter of the pixels about a shift (the first
+    block's mean), accumulated in float64 and moved to the mean and to the
+    min-max scaling at the end. While the shift is within a few standard
+    deviations of the mean this is the two-pass scatter to ~1e-15 relative;
+    the maps equal `rx`'s to ~1e-12. float32 scales each pixel in float32
+    first, which needs the min and max: `stats` then reads the cube twice
+    more (the sum, then the scatter about the mean), as the whole-image
+    float32 RX orders its arithmetic.
+
+    The sums are jitted and dispatched without waiting (XLA's threads, not
+    NumPy's BLAS, whose spinning threads slowed the rest of an out-of-core
+    run by half); NaN or Inf is refused when `stats` is asked for, naming
+    the first block that had any.
+    """
+
+    def __init__(self, bands: int, precision: str = "float64", where: str = "rx"):
+        self.form = _form(precision, bands)
+        self.precision, self.where, self.bands = precision, where, int(bands)
+        self.n, self._ranges, self._moments, self._shift = 0, [], None, None
+
+    def add(self, block, first_row: Optional[int] = None) -> None:
+        """Accumulates the pixels of `block` (..., B)."""
+        z = np.asarray(block).reshape(-1, self.bands)
+        if z.shape[0] == 0:
+            return
+        self.n += z.shape[0]
+        with jax.enable_x64(self.precision == "float64"):
+            z = jnp.asarray(z)
+            self._ranges.append((first_row, _block_range(z)))
+            if self.precision != "float64":
+                return
+            if self._shift is None:
+                self._shift = jnp.mean(z.astype(jnp.float64), axis=0)
+                self._moments = (jnp.zeros(self.bands, jnp.float64),
+                                 jnp.zeros((self.bands,) * 2, jnp.float64))
+            self._moments = _block_moments(z, self._shift, *self._moments)
+
+    def _range(self):
+        lo, hi = np.inf, -np.inf
+        for first_row, (b_lo, b_hi, finite) in self._ranges:
+            if not bool(finite):
+                at = "" if first_row is None else f" (rows from {first_row})"
+                raise InputError(f"{self.where}: the cube has NaN or Inf values{at}; "
+                                 "the detectors need finite numbers")
+            lo, hi = min(lo, float(b_lo)), max(hi, float(b_hi))
+        return lo, hi
+
+    def stats(self, cube=None, chunk_pixels: int = RX_CHUNK_PIXELS) -> RXStats:
+        """The image's RXStats; float32 reads `cube` (the same pixels) twice."""
+        if self.n < 2:
+            raise InputError(f"{self.where}: RX needs at least 2 pixels, got {self.n}")
+        lo_f, hi_f = self._range()
+        dtype, n = self.form.dtype, self.n
+        with jax.enable_x64(self.precision == "float64"):
+            lo = jnp.asarray(lo_f, dtype)
+            span = jnp.asarray(hi_f, dtype) - lo
+            if self.precision == "float64":
+                total, scatter = (np.asarray(m) for m in self._moments)
+                s = hi_f - lo_f
+                mean_x = np.asarray(self._shift) + total / n
+                scatter = scatter - np.outer(total, total) / n
+                mean = jnp.asarray((mean_x - lo_f) / s, dtype)
+                cov = jnp.asarray(scatter / (s * s) / (n - 1), dtype)
+            else:
+                total = np.zeros(self.bands, np.float64)
+                for _, z in _chunks(cube, chunk_pixels):
+                    total += np.asarray(_chunk_sum(z, lo, span, dtype), np.float64)
+                mean = jnp.asarray(total / n, dtype)
+                scatter = np.zeros((self.bands,) * 2, np.float64)
+                for _, z in _chunks(cube, chunk_pixels):
+                    scatter += np.asarray(_chunk_scatter(z, lo, span, mean, dtype),
+                                          np.float64)
+                cov = jnp.asarray(scatter / (n - 1), dtype)
+            with _one_blas_thread():  # the LAPACK call of `rx`, alike
+                inverse = jax.block_until_ready(
+                    _pinv(cov, self.form.rtol, hermitian=self.form.hermitian))
+        return RXStats(lo, span, mean, inverse, n)
+
+
 def rx_stats(cube, precision: str = "float64",
              chunk_pixels: int = RX_CHUNK_PIXELS) -> RXStats:
-    """RX's statistics of one (H, W, B) cube, `chunk_pixels` pixels at a time.
-
-    The whole-image RX's arithmetic in three passes over the chunks: the
-    global min and max (exact in any order), the mean of the scaled pixels,
-    then the scatter of the pixels centred on that mean (exact centring:
-    no sum-of-squares cancellation); the pseudo-inverse once. Chunk sums
-    are accumulated in float64 whatever the precision. Only the order of
-    the summations differs from `rx`: the covariance to ~1e-16 relative
-    (float64).
-    """
-    h, w, b = cube.shape
-    form = _form(precision, b)
-    dtype = form.dtype
-    n = h * w
-    with jax.enable_x64(precision == "float64"):
-        lo, hi = _global_minmax(cube, chunk_pixels, "rx")
-        lo = jnp.asarray(lo, dtype)
-        span = jnp.asarray(hi, dtype) - lo
-        total = np.zeros(b, np.float64)
-        for _, z in _chunks(cube, chunk_pixels):
-            total += np.asarray(_chunk_sum(z, lo, span, dtype), np.float64)
-        mean = jnp.asarray(total / n, dtype)
-        scatter = np.zeros((b, b), np.float64)
-        for _, z in _chunks(cube, chunk_pixels):
-            scatter += np.asarray(_chunk_scatter(z, lo, span, mean, dtype), np.float64)
-        cov = jnp.asarray(scatter / (n - 1), dtype)
-        with _one_blas_thread():  # the LAPACK call of `rx`, alike
-            inverse = jax.block_until_ready(
-                _pinv(cov, form.rtol, hermitian=form.hermitian))
-    return RXStats(lo, span, mean, inverse, n)
+    """RX's statistics of one (H, W, B) cube, `chunk_pixels` pixels at a time
+    (an `RXAccumulator` over the row chunks: one pass in float64, three in
+    float32). Chunk sums are accumulated in float64 whatever the precision;
+    only the order of the arithmetic differs from `rx` (float64: the
+    covariance to ~1e-15 relative)."""
+    acc = RXAccumulator(cube.shape[-1], precision)
+    for r, z in _chunks(cube, chunk_pixels):
+        acc.add(z, first_row=r)
+    return acc.stats(cube, chunk_pixels)
 
 
 def rx_score(chunk, stats: RXStats):
@@ -369,9 +444,12 @@ def rx_score(chunk, stats: RXStats):
 
 
 def rx_streaming(cube, precision: str = "float64",
-                 chunk_pixels: Optional[int] = None) -> np.ndarray:
+                 chunk_pixels: Optional[int] = None,
+                 accumulated: Optional[RXAccumulator] = None) -> np.ndarray:
     """`rx` of one (H, W, B) cube with bounded memory: `rx_stats` over row
-    chunks, then the scores chunk by chunk.
+    chunks, then the scores chunk by chunk. `accumulated`: an RXAccumulator
+    that has seen every pixel of `cube` already (added as the cube was
+    written), so that in float64 the cube is read once, for the scores.
 
     The cube can be a NumPy array or memory map of any size; device memory
     is a few chunks (`chunk_pixels`, default RX_CHUNK_PIXELS). Equals `rx` up
@@ -384,7 +462,8 @@ def rx_streaming(cube, precision: str = "float64",
         raise InputError(f"rx_streaming: expected one (H, W, B) cube, got shape "
                          f"{np.shape(cube)}")
     chunk_pixels = RX_CHUNK_PIXELS if chunk_pixels is None else int(chunk_pixels)
-    stats = rx_stats(cube, precision, chunk_pixels)
+    stats = (rx_stats(cube, precision, chunk_pixels) if accumulated is None
+             else accumulated.stats(cube, chunk_pixels))
     h, w, _ = cube.shape
     out = np.empty((h, w), np.dtype(stats.inverse.dtype))
     for r, z in _chunks(cube, chunk_pixels):

@@ -134,24 +134,35 @@ def _gaussian_window(size, sigma):
     return g / g.sum()
 
 
-def _gaussian_filter(x, window):
-    """Separable depthwise filter of (N, H, W, C) over H and W.
-
-    Reflect borders (without repeating the edge pixel, torch's 'reflect')
-    and a 'same'-size output, as kornia's filter2d.
-    """
+def _reflect_filter_matrix(n: int, window) -> np.ndarray:
+    """(n, n) weights of a 'same'-size 1-D filter with reflect borders
+    (without repeating the edge pixel, torch's 'reflect'), as kornia's
+    filter2d pads: row o holds the taps of output o, folded back at the
+    edges."""
     k = len(window)
-    lo, hi = (k - 1) // 2, k // 2
-    for axis in (1, 2):
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (lo, hi)
-        xp = jnp.pad(x, pad, mode="reflect")
-        n = x.shape[axis]
-        # A 5-tap window: a weighted sum of shifted slices is exact, cheap
-        # and needs no per-channel conv kernel.
-        x = sum(float(w) * jax.lax.slice_in_dim(xp, i, i + n, axis=axis)
-                for i, w in enumerate(window))
-    return x
+    lo = (k - 1) // 2
+    m = np.zeros((n, n), np.float64)
+    for o in range(n):
+        for i, w in enumerate(window):
+            j = abs(o + i - lo)
+            m[o, j if j < n else 2 * (n - 1) - j] += w
+    return m.astype(np.float32)
+
+
+def _gaussian_filter(x, window):
+    """Separable depthwise filter of (N, H, W, C) over H and W, reflect
+    borders and a 'same'-size output, as kornia's filter2d.
+
+    As two small matrices contracted with the maps (one einsum: XLA picks
+    the order), not as shifted slices: on CPU the SSIM loss's forward +
+    backward took 314 ms so and takes ~90 ms this way at 16 x 32 x 32 x 100
+    (the same values to float32 rounding). HIGHEST: exact float32 sums on
+    every backend.
+    """
+    _, h, w, _ = x.shape
+    return jnp.einsum("oh,pw,nhwc->nopc", _reflect_filter_matrix(h, window),
+                      _reflect_filter_matrix(w, window), x,
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 def ssim(a, b, window_size=5, sigma=1.5, max_val=1.0, eps=1e-12):
@@ -163,11 +174,10 @@ def ssim(a, b, window_size=5, sigma=1.5, max_val=1.0, eps=1e-12):
             f"reflect padding of window {window_size}")
     window = _gaussian_window(window_size, sigma)
     c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
-    # One filter pass over the five maps stacked along channels: a fifth of
-    # the ops, so a fifth of the eager dispatch and of the compile time.
-    moments = _gaussian_filter(
-        jnp.concatenate([a, b, a * a, b * b, a * b], axis=-1), window)
-    mu_a, mu_b, e_aa, e_bb, e_ab = jnp.split(moments, 5, axis=-1)
+    # Each map filtered on its own: concatenating the five and splitting
+    # the result cost more (copies, forward and backward) than the filter.
+    mu_a, mu_b, e_aa, e_bb, e_ab = (_gaussian_filter(m, window)
+                                    for m in (a, b, a * a, b * b, a * b))
     var_a = e_aa - mu_a ** 2
     var_b = e_bb - mu_b ** 2
     cov_ab = e_ab - mu_a * mu_b

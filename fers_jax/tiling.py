@@ -349,7 +349,10 @@ def detect_tiled(feats: TiledFeatures, x, plan: ScenePlan, export: bool = False,
     Out of core (plan.path 'out-of-core'): x is a `LazyImage` (rows read
     from disk and normalised on demand) and each RX input cube is spilled
     to a file in `spill_dir` (`SpillCube`), written tile by tile and read
-    back in row blocks by the streamed RX: features are computed once.
+    back in row blocks by the streamed RX: features are computed once, and
+    RX's statistics are accumulated as the tiles are written
+    (`detectors.RXAccumulator`), so a float64 RX reads its spill file once,
+    for the scores (float32: three times).
 
     Why not always stream: in float64 streaming and whole-image RX give the
     same maps (~1e-10 relative, the same AUCs), but the float32 RX of the
@@ -375,6 +378,10 @@ def detect_tiled(feats: TiledFeatures, x, plan: ScenePlan, export: bool = False,
         xi = x if n == 1 else x[i:i + 1]
         cubes = {k: (SpillCube(pathlib.Path(spill_dir) / f"{k}.npy", (h, w, b)) if spill
                      else np.empty((1, h, w, b), np.float32)) for k in names}
+        # A spilled cube's RX statistics are gathered as it is written, so
+        # that it is read back once (float64) instead of four times.
+        acc = {k: detectors.RXAccumulator(b, plan.rx_precision)
+               for k in names if spill and plan.rx == "stream"}
         keep = {}
         tiles = feats.tiles(xi, student=(plan.method == "fers"))
         for rows, cols, f in _tile_bar(tiles, h, w, feats.tile, progress):
@@ -384,6 +391,8 @@ def detect_tiled(feats: TiledFeatures, x, plan: ScenePlan, export: bool = False,
             for k, v in rx_input_tiles(xt, f, fusion).items():
                 if spill:
                     cubes[k].write(rows[2], cols[2], v[0])
+                    if k in acc:
+                        acc[k].add(v[0], first_row=rows[2])
                 else:
                     _own(cubes[k], rows, cols)[...] = v
             if export:
@@ -401,7 +410,8 @@ def detect_tiled(feats: TiledFeatures, x, plan: ScenePlan, export: bool = False,
             cube = cubes.pop(k)
             cube = cube.reader() if spill else cube[0]
             scores.append(detectors.rx_streaming(cube, plan.rx_precision,
-                                                 chunk_pixels or plan.chunk_pixels)
+                                                 chunk_pixels or plan.chunk_pixels,
+                                                 acc.get(k))
                           if plan.rx == "stream"
                           else np.asarray(detectors.rx(cube, plan.rx_precision)))
             del cube
@@ -524,7 +534,7 @@ class SpillCube:
     def reader(self):
         from fers_jax import data
         os.close(self._fd)
-        return data.DiskCube(self.shape, data._memmap_rows(
+        return data.DiskCube(self.shape, data._file_rows(
             self.path, np.dtype("<f4"), self.shape, self.offset), self.path)
 
 

@@ -1,5 +1,7 @@
 """Behaviour of the Flax models at tiny sizes: shapes, modes, PyTorch rules."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,37 @@ def test_deconv_equals_flax_conv_transpose():
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
 
+
+
+@pytest.mark.parametrize("shape, kernel, stride, block_bytes", [
+    ((2, 3, 2, 16), 3, 1, None),    # 3x2 output: one im2col matmul
+    ((2, 6, 5, 16), 3, 2, None),    # strided, small output
+    ((2, 12, 9, 8), 3, 1, None),    # 108 pixels: lax conv, im2col weight grad
+    ((2, 12, 9, 8), 3, 1, 1024),    # ... over blocks of a few rows (scan)
+    ((2, 13, 11, 8), 7, 2, None),   # the stem's 7x7 stride 2
+    ((2, 9, 9, 8), 1, 2, None),     # 1x1 strided: a matmul
+])
+def test_conv2d_equals_lax_conv(shape, kernel, stride, block_bytes, monkeypatch):
+    """Every path of layers.conv2d (the primitive of every nn.Conv here) is
+    lax.conv_general_dilated: outputs, input and kernel gradients to float32
+    rounding."""
+    if block_bytes is not None:
+        monkeypatch.setattr(layers, "KERNEL_GRAD_BLOCK_BYTES", block_bytes)
+    x = cube(*shape)
+    k = jnp.asarray(np.random.default_rng(1).uniform(
+        -0.3, 0.3, (kernel, kernel, shape[-1], 12)), jnp.float32)
+    pad = ((kernel // 2,) * 2,) * 2
+    ref = functools.partial(jax.lax.conv_general_dilated, window_strides=(stride,) * 2,
+                            padding=pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                            precision=jax.lax.Precision.HIGHEST)
+    ours = functools.partial(layers.conv2d, window_strides=(stride,) * 2, padding=pad,
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(jax.jit(ours)(x, k), ref(x, k), rtol=1e-5, atol=1e-6)
+
+    def loss(f):
+        return jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(3 * f(x, k))), (0, 1)))
+    for got, want in zip(loss(ours)(x, k), loss(ref)(x, k)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 def test_spec_initialisation():
     from fers_jax.models.student import Conv2RGB

@@ -15,6 +15,7 @@ from conftest import CHECKPOINTS, GOLDEN, SCENES, fake_variables
 
 import evaluate
 from fers_jax import cli, configs, convert, data, detectors, inference, metrics, plan, tiling
+from fers_jax.errors import InputError
 from fers_jax.models import tiled
 
 STUDENT_50 = GOLDEN / "spa_fen_random_50bands.pt"
@@ -201,6 +202,41 @@ def test_rx_streaming_equals_rx():
         abs=1e-4)
 
 
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_rx_accumulator_any_block_order_equals_rx(offset):
+    """Blocks added out of order (as tiles are spilled), with the first
+    block far from the image's mean (the shift) and, with `offset`, pixels
+    far from zero: the one-pass float64 statistics give rx's map."""
+    scene = data.load_scene(SCENES / "abu-airport-2.mat")
+    x = data.prepare(scene) + np.float32(offset)
+    h, w, b = x.shape
+    whole = np.asarray(detectors.rx(x))
+    acc = detectors.RXAccumulator(b, "float64")
+    blocks = [(r, c) for r in range(0, h, 17) for c in range(0, w, 23)]
+    order = np.random.default_rng(0).permutation(len(blocks))
+    brightest = int(np.argmax([x[r:r + 17, c:c + 23].mean() for r, c in blocks]))
+    for i in [brightest] + [i for i in order if i != brightest]:
+        r, c = blocks[i]
+        acc.add(x[r:r + 17, c:c + 23])
+    assert acc.n == h * w
+    streamed = detectors.rx_streaming(x, "float64", 999, accumulated=acc)
+    assert rel(streamed, whole) <= 1e-8
+    # float32 keeps the whole-image float32 arithmetic: the passes over x.
+    acc32 = detectors.RXAccumulator(b, "float32")
+    acc32.add(x)
+    np.testing.assert_array_equal(
+        detectors.rx_streaming(x, "float32", 999, accumulated=acc32),
+        detectors.rx_streaming(x, "float32", 999))
+
+
+def test_rx_accumulator_refuses_nan():
+    acc = detectors.RXAccumulator(3)
+    acc.add(np.ones((2, 3)), first_row=0)
+    acc.add(np.array([[1.0, np.nan, 2.0]]), first_row=4)
+    with pytest.raises(InputError, match="NaN or Inf values \\(rows from 4\\)"):
+        acc.stats()
 # --- evaluate.py, the rules, normalisation, bfloat16 ----------------------------
 
 def run(tmp_path, name, *args):

@@ -66,7 +66,10 @@ spec_uniform = symmetric_uniform(0.1)
 #   forward and input gradient are no slower (on accelerators XLA turns
 #   1x1 convs into the same matmuls anyway). Same values to float32
 #   rounding (the teacher's features come out bit-identical on CPU).
-# - Larger kernels keep lax.conv_general_dilated for the forward and the
+# - Larger kernels with small outputs (up to SMALL_CONV_PIXELS a map: the
+#   student's trunk on training patches) are one im2col matmul, forward and
+#   both gradients by autodiff: XLA:CPU's convolution is ~17x slower there.
+# - Other larger kernels keep lax.conv_general_dilated for the forward and the
 #   input gradient (fast everywhere), with a custom VJP whose weight
 #   gradient on CPU is an im2col matmul over blocks of output rows: 3-7x
 #   faster than XLA:CPU's weight-gradient conv for the FRN's 3x3 100 -> 100
@@ -79,8 +82,18 @@ spec_uniform = symmetric_uniform(0.1)
 # dead code that XLA removes, as before.
 
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # flax's NHWC / HWIO specs
-# Bytes of im2col patches per block of the CPU weight gradient.
-KERNEL_GRAD_BLOCK_BYTES = 16 << 20  # 4-16 MB measured alike on CPU, 32 MB+ slower
+# Output pixels per image up to which a kxk conv is one im2col matmul
+# (forward and both gradients by autodiff): XLA:CPU's convolution took
+# 11.2 ms for ResNet-34 layer3's 3x3 256->256 at 16 x 2 x 2 (the student's
+# trunk on 32x32 training patches) against 0.67 ms so, its input gradient
+# 11.5 against 0.5 ms; im2col was level or faster up to 8 x 8 outputs, and
+# slower from 16 x 16 (2.9 against 4.7 ms at 16 x 16 x 64 -> 64).
+SMALL_CONV_PIXELS = 64
+# Bytes of im2col patches per block of the CPU weight gradient: 4 MB was
+# the best or within 10% of it for every shape measured (1-8 MB, the FRN's
+# 16x32x32x100 and 16x64x64x100, stage 1's 128-512-channel 3x3 convs);
+# 16 MB took 1.9x as long at 16x32x32x100 (stage 2's training patches).
+KERNEL_GRAD_BLOCK_BYTES = 4 << 20
 
 
 def _lax_conv(x, kernel, strides, padding, precision):
@@ -89,12 +102,22 @@ def _lax_conv(x, kernel, strides, padding, precision):
         precision=precision)
 
 
+def _im2col(x, kernel_hw, strides, padding, out_hw):
+    """(N, Ho, Wo, kh * kw * C) patches of x, (i, j, c) order as HWIO."""
+    (kh, kw), (sh, sw), (ho, wo) = kernel_hw, strides, out_hw
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    return jnp.concatenate(
+        [xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+         for i in range(kh) for j in range(kw)], axis=-1)
+
+
 def _kernel_grad_im2col(x, g, kernel_shape, strides, padding, precision):
     """d(conv)/d(kernel) . g as im2col matmuls, over blocks of output rows."""
     kh, kw, c, o = kernel_shape
     sh, sw = strides
     n, ho, wo = g.shape[:3]
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    acc_dtype = jnp.promote_types(xp.dtype, jnp.float32)
     per_row = n * wo * kh * kw * c * jnp.dtype(x.dtype).itemsize
     rows = int(max(1, min(ho, KERNEL_GRAD_BLOCK_BYTES // per_row)))
     blocks = -(-ho // rows)
@@ -107,21 +130,30 @@ def _kernel_grad_im2col(x, g, kernel_shape, strides, padding, precision):
     def block(b):
         xb = jax.lax.dynamic_slice_in_dim(xp, b * rows * sh, span, axis=1)
         gb = jax.lax.dynamic_slice_in_dim(g, b * rows, rows, axis=1)
-        cols = jnp.concatenate(
-            [xb[:, i:i + (rows - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
-             for i in range(kh) for j in range(kw)], axis=-1)
+        cols = _im2col(xb, (kh, kw), strides, ((0, 0), (0, 0)), (rows, wo))
         return jax.lax.dot_general(
             cols.reshape(-1, kh * kw * c), gb.reshape(-1, o),
             (((0,), (0,)), ((), ())), precision=precision,
-            preferred_element_type=jnp.promote_types(xp.dtype, jnp.float32))
+            preferred_element_type=acc_dtype)
 
     if blocks == 1:
         dk = block(0)
     else:
         dk, _ = jax.lax.scan(lambda acc, b: (acc + block(b), None),
-                             jnp.zeros((kh * kw * c, o), jnp.float32),
+                             jnp.zeros((kh * kw * c, o), acc_dtype),
                              jnp.arange(blocks))
     return dk.reshape(kernel_shape)
+
+
+def _conv_im2col(x, kernel, strides, padding, precision):
+    """A kxk conv as one matmul over im2col patches (autodiff for both
+    gradients): for small outputs, where XLA:CPU's convolution is slow."""
+    kh, kw, c, o = kernel.shape
+    out_hw = [(x.shape[1 + a] + sum(padding[a]) - kernel.shape[a]) // strides[a] + 1
+              for a in (0, 1)]
+    cols = _im2col(x, (kh, kw), strides, padding, out_hw)
+    return jax.lax.dot_general(cols, kernel.reshape(kh * kw * c, o),
+                               (((3,), (0,)), ((), ())), precision=precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -176,6 +208,10 @@ def conv2d(lhs, rhs, window_strides, padding, lhs_dilation=None,
         x = lhs[:, ::strides[0], ::strides[1], :]
         return jax.lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())),
                                    precision=precision)
+    out_hw = [(lhs.shape[1 + a] + sum(padding[a]) - rhs.shape[a]) // strides[a] + 1
+              for a in (0, 1)]
+    if out_hw[0] * out_hw[1] <= SMALL_CONV_PIXELS:
+        return _conv_im2col(lhs, rhs, strides, padding, precision)
     return _conv_kxk(lhs, rhs, strides, padding, precision)
 
 
