@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_inference as bi  # noqa: E402
+from bench_stage1_parts import best_ms  # noqa: E402
 import torch_reference as tr  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,16 +41,6 @@ from fers_jax.models import FeatureRestorationNet, SpatialStudent  # noqa: E402
 
 BANDS, PATCH = 100, 32
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def best_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return round(min(times) * 1e3, 1)
 
 
 def jax_parts(x, spe_f, repeats):
@@ -117,7 +108,6 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, len(jax.devices("cpu")) and torch.get_num_threads()))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(-0.1, 0.1, (args.batch, PATCH, PATCH, BANDS))
                     .astype(np.float32))
@@ -132,7 +122,7 @@ def main(argv=None):
               f"{r['torch_ms']:8.1f} ms  x{r['ratio']}")
     out = REPO / "benchmarks" / "results" / f"train_stage2_parts_{socket.gethostname()}.json"
     out.write_text(json.dumps({
-        "host": socket.gethostname(), "cpus": bi.cpu_info() if hasattr(bi, "cpu_info") else None,
+        "host": socket.gethostname(), "cpu": bi.cpu_model(),
         "loadavg": [load0, bi.loadavg()], "batch": args.batch, "patch": PATCH,
         "bands": BANDS, "torch_threads": torch.get_num_threads(),
         "jax": jax.__version__, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
