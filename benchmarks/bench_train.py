@@ -298,9 +298,9 @@ def run_seeds(args) -> dict:
                for i in range(args.k)]
     one = state.jit_train_step(task, optimizer)
     stack = lambda trees: jax.tree.map(lambda *a: np.stack(a), *trees)
-    # What train.py --seeds runs (axis 'auto': 'map' on CPU), and the other.
+    # train.py --seeds runs axis 'auto' (unroll on CPU, vmap elsewhere).
     many = {axis: state.jit_train_step_seeds(task, optimizer, axis=axis)
-            for axis in ("map", "vmap")}
+            for axis in ("map", "unroll", "vmap")}
     stacked_batch = jax.device_put(stack(batches))
     singles = [jax.device_put(b) for b in batches]
     stacked = {k: jax.device_put(stack(states)) for k in many}
@@ -334,7 +334,7 @@ def run_seeds(args) -> dict:
             "note": "one_seed_x_k: K calls of the one-seed jitted step, each its "
                     "own state and batch; map / vmap: one call of "
                     "state.jit_train_step_seeds(axis=...) over the K stacked "
-                    "states and batches (train.py --seeds runs 'auto': map on "
+                    "states and batches (train.py --seeds runs 'auto': unroll on "
                     "CPU, vmap elsewhere)"}
 
 

@@ -171,7 +171,7 @@ def unstack_state(stacked: TrainState, k: int) -> TrainState:
     return jax.tree.map(lambda x: x[k], stacked)
 
 
-SEED_AXIS = ("auto", "vmap", "map")
+SEED_AXIS = ("auto", "vmap", "map", "unroll")
 
 
 def jit_train_step_seeds(task, optimizer: AdamConfig, mesh=None, axis: str = "auto"):
@@ -183,10 +183,13 @@ def jit_train_step_seeds(task, optimizer: AdamConfig, mesh=None, axis: str = "au
 
     `axis`: 'vmap' (one batched computation: every conv of K kernels becomes
     one grouped conv), 'map' (a lax.map over the replicas inside the one
-    program: each conv as in a one-seed step) or 'auto': 'map' on CPU,
-    where XLA's grouped convolutions make the vmapped step slower than K
-    one-seed steps (benchmarks/results/train_seeds_vm.json), 'vmap'
-    elsewhere (chosen when the step is lowered, lax.platform_dependent).
+    program), 'unroll' (the K one-seed steps written out in the one
+    program: K times the compile, each replica's ops as in a one-seed step)
+    or 'auto': 'unroll' on CPU, 'vmap' elsewhere (chosen when the step is
+    lowered, lax.platform_dependent). On 2 CPU cores at K=4
+    (benchmarks/results/train_seeds_vm.json) unroll took 0.93x the time of
+    4 one-seed steps, map 1.65x (XLA:CPU's loop body runs its ops slower
+    than the same ops at top level), vmap 2.9x (grouped convolutions).
     """
     if axis not in SEED_AXIS:
         raise ValueError(f"axis must be one of {SEED_AXIS}, got {axis!r}")
@@ -202,10 +205,16 @@ def _jit_train_step_seeds(task, optimizer, mesh, axis):
     def mapped(state, batch):
         return jax.lax.map(lambda sb: one(*sb), (state, batch))
 
+    def unrolled(state, batch):
+        k = jax.tree.leaves(batch)[0].shape[0]   # static: one step per replica
+        outs = [one(*jax.tree.map(lambda x: x[i], (state, batch)))
+                for i in range(k)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
     if axis == "auto":
         def step(state, batch):
-            return jax.lax.platform_dependent(state, batch, cpu=mapped,
+            return jax.lax.platform_dependent(state, batch, cpu=unrolled,
                                               default=vmapped)
     else:
-        step = vmapped if axis == "vmap" else mapped
+        step = {"vmap": vmapped, "map": mapped, "unroll": unrolled}[axis]
     return jax.jit(step, donate_argnums=0, **shardings)
