@@ -276,7 +276,7 @@ def _read_at(path, dtype, offset: int, count: int) -> np.ndarray:
     return np.fromfile(path, dtype, count=count, offset=offset)
 
 
-def _file_rows(path, dtype, shape, offset):
+def file_rows(path, dtype, shape, offset):
     """A reader of rows [r0, r1) of a C-ordered (H, W, B) array at `offset`
     of `path` (a .npy, an .npz member stored uncompressed, ENVI BIP)."""
     h, w, b = shape
@@ -290,11 +290,11 @@ def _file_rows(path, dtype, shape, offset):
 
 
 def _interleaved_rows(path, dtype, shape, offset, interleave: str):
-    """`_file_rows` for an ENVI data file of any interleave: rows [r0, r1)
+    """`file_rows` for an ENVI data file of any interleave: rows [r0, r1)
     as (rows, W, B); BIL in one read, BSQ in one read a band."""
     h, w, b = shape
     if interleave == "bip":
-        return _file_rows(path, dtype, shape, offset)
+        return file_rows(path, dtype, shape, offset)
     item = np.dtype(dtype).itemsize
 
     def read(r0, r1):
@@ -340,7 +340,7 @@ def _open_npy(path: pathlib.Path) -> dict:
         raise InputError(f"{path}: not a readable .npy file (truncated: "
                          f"{path.stat().st_size} bytes, its header needs {need})")
     if len(shape) == 3 and not fortran and not dtype.hasobject:
-        cube = DiskCube(shape, _file_rows(path, dtype, shape, offset), path,
+        cube = DiskCube(shape, file_rows(path, dtype, shape, offset), path,
                         stored=dtype)
         return {"data": cube}
     try:
@@ -371,7 +371,7 @@ def _open_npz(path: pathlib.Path) -> dict:
                     raw.seek(info.header_offset + 26)
                     name_len, extra_len = np.frombuffer(raw.read(4), "<u2")
                     start = info.header_offset + 30 + int(name_len) + int(extra_len)
-                    out[key] = DiskCube(shape, _file_rows(path, dtype, shape,
+                    out[key] = DiskCube(shape, file_rows(path, dtype, shape,
                                                             start + hdr_len),
                                         f"{path} [{key}]", stored=dtype)
                 elif len(shape) == 3:

@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fers_jax import detectors
+from fers_jax import data, detectors
 from fers_jax.errors import InputError
 from fers_jax.models import layers
 from fers_jax.models.tiled import (SPPTile, ToRGB, Trunk, WindowTeacher,
@@ -462,7 +462,6 @@ class LazyImage:
         """Normalised rows [r0, r1) as an (r1 - r0, W, B) array."""
         stop = self._start + self._block.shape[0]
         if not (self._start <= r0 and r1 <= stop):
-            from fers_jax import data
             self._block = None  # release the old block before reading the next
             end = min(self.shape[1], max(r1, r0 + self.band_rows))
             self._start = r0
@@ -532,9 +531,8 @@ class SpillCube:
                       self.offset + ((r0 + i) * w + c0) * b * 4)
 
     def reader(self):
-        from fers_jax import data
         os.close(self._fd)
-        return data.DiskCube(self.shape, data._file_rows(
+        return data.DiskCube(self.shape, data.file_rows(
             self.path, np.dtype("<f4"), self.shape, self.offset), self.path)
 
 
