@@ -308,17 +308,60 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axes)
-            # Two-pass variance, as PyTorch: no cancellation for large means.
-            var = jnp.mean(jnp.square(x - mean), axes)
+            y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon)
             if not self.is_initializing():
                 n = x.size // c
                 unbiased = var * (n / max(n - 1, 1))
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1 - m) * mean
                 ra_var.value = m * ra_var.value + (1 - m) * unbiased
+            return y
         return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+# Train-mode batch norm with its closed-form backward: autodiff of the
+# two-pass forward takes 1.6-2.8x torch's BatchNorm2d forward + backward on
+# CPU (8 x 72 x 72 x 128: 25.4 against 9.2 ms); the closed form is a few
+# fused passes over x. The forward is the same expression as before
+# (bit-identical outputs), the gradients equal autodiff's to rounding.
+
+def _bn_forward(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    # Two-pass variance, as PyTorch: no cancellation for large means.
+    var = jnp.mean(jnp.square(x - mean), axes)
+    y = (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+    return y, mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(x, scale, bias, epsilon):
+    """(y, batch mean, biased batch variance) over all axes but the last."""
+    return _bn_forward(x, scale, bias, epsilon)
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+    y, mean, var = _bn_forward(x, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, mean, var)
+
+
+def _batch_norm_train_bwd(epsilon, residuals, cotangents):
+    x, scale, mean, var = residuals
+    gy, gmean, gvar = cotangents
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    rstd = jax.lax.rsqrt(var + epsilon)
+    xc = x - mean
+    xhat = xc * rstd
+    dbias = jnp.sum(gy, axes)
+    dscale = jnp.sum(gy * xhat, axes)
+    # y's path, then the batch mean's and variance's own (running statistics).
+    dx = (scale * rstd) * (gy - dbias / n - xhat * (dscale / n)) \
+        + gmean / n + xc * (2 * gvar / n)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 # --- Residual blocks --------------------------------------------------------
