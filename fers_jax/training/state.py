@@ -159,7 +159,7 @@ def count(tree) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
-# --- Seeds as an axis: K replicas, one vmapped step (issue 10) --------------------
+# --- Seeds as an axis: K replicas, one jitted step (issue 10) ---------------------
 
 def stack_states(states) -> TrainState:
     """K TrainStates of one structure -> one whose leaves have a leading K axis."""
