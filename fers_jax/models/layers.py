@@ -11,10 +11,10 @@ PyTorch-compatibility notes that the code relies on:
   updates the running variance with the unbiased one (flax's nn.BatchNorm
   uses the biased one for both, which drifts from the reference in the
   student's running statistics).
-- The decoder's 2x2 stride-2 transposed convs use flax ConvTranspose with
-  transpose_kernel=True; a PyTorch weight (in, out, kh, kw) then maps to the
-  flax kernel (kh, kw, out, in) by the same permute(2, 3, 1, 0) as a
-  regular conv's OIHW -> HWIO.
+- The decoder's 2x2 stride-2 transposed convs (`Deconv2x2`) keep the
+  variables of flax's ConvTranspose with transpose_kernel=True; a PyTorch
+  weight (in, out, kh, kw) then maps to the flax kernel (kh, kw, out, in)
+  by the same permute(2, 3, 1, 0) as a regular conv's OIHW -> HWIO.
 """
 
 import functools
