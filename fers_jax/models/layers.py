@@ -316,7 +316,7 @@ class BatchNorm(nn.Module):
                 ra_mean.value = m * ra_mean.value + (1 - m) * mean
                 ra_var.value = m * ra_var.value + (1 - m) * unbiased
             return y
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return _bn_apply(x, mean, var, scale, bias, self.epsilon)
 
 
 # Train-mode batch norm with its closed-form backward: autodiff of the
@@ -325,13 +325,16 @@ class BatchNorm(nn.Module):
 # fused passes over x. The forward is the same expression as before
 # (bit-identical outputs), the gradients equal autodiff's to rounding.
 
+def _bn_apply(x, mean, var, scale, bias, epsilon):
+    return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+
+
 def _bn_forward(x, scale, bias, epsilon):
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x, axes)
     # Two-pass variance, as PyTorch: no cancellation for large means.
     var = jnp.mean(jnp.square(x - mean), axes)
-    y = (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
-    return y, mean, var
+    return _bn_apply(x, mean, var, scale, bias, epsilon), mean, var
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
