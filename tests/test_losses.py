@@ -170,8 +170,9 @@ def test_gaussian_filter_keeps_constants_and_shape():
     np.testing.assert_allclose(window.sum(), 1.0)
     np.testing.assert_allclose(window, window[::-1])
     const = jnp.full((1, 7, 9, 2), 0.3)
-    np.testing.assert_allclose(
-        np.asarray(losses._gaussian_filter(const, window)), 0.3, rtol=1e-6)
+    out = np.asarray(losses._gaussian_filter(const, window))
+    assert out.shape == (1, 2, 7, 9)  # channel-major, the contraction's order
+    np.testing.assert_allclose(out, 0.3, rtol=1e-6)
 
 
 def test_ssim_rejects_images_smaller_than_window():
