@@ -1,8 +1,8 @@
 #!/bin/bash
 # The stage-2 runs of README "Trained models" (issue 10): the 3-seed runs of
 # the shipped settings at 50 and 100 bands (one program each, --seeds 3), and
-# the ablations (one seed each unless said): the variance term's L1 weight and
-# the patch size, at 50 and 100 bands; every run selected on scenes/ (--val)
+# the ablations (one seed each unless said): the variance term's L1 weight,
+# the patch size and the trunk trained (--train-trunk), at 50 and 100 bands; every run selected on scenes/ (--val)
 # and resumable (run the same command again after an interruption).
 #   bash recipes/ablate_students.sh [RUNS_DIR] [EPOCHS]   (from the repo root)
 # Summarise with benchmarks/summarise_runs.py (see README).
@@ -25,6 +25,8 @@ run b50_p48_l1off 50 48 --loss-weights l1=0
 run b100_p32 100 32                      # the shipped setting, longer
 run b100_p32_l1off 100 32 --loss-weights l1=0
 run b100_p48 100 48
+run b50_p32_train_trunk 50 32 --train-trunk
+run b100_p32_train_trunk 100 32 --train-trunk
 run seeds_b50 50 32 --seeds 3
 run seeds_b100 100 32 --seeds 3
 run seeds_b100_l1off 100 32 --seeds 3 --loss-weights l1=0
