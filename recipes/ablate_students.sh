@@ -30,3 +30,4 @@ run b100_p32_train_trunk 100 32 --train-trunk
 run seeds_b50 50 32 --seeds 3
 run seeds_b100 100 32 --seeds 3
 run seeds_b100_l1off 100 32 --seeds 3 --loss-weights l1=0
+run seeds_b100_train_trunk 100 32 --seeds 3 --train-trunk
