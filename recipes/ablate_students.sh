@@ -2,8 +2,9 @@
 # The stage-2 runs of README "Trained models" (issue 10): the 3-seed runs of
 # the shipped settings at 50 and 100 bands (one program each, --seeds 3), and
 # the ablations (one seed each unless said): the variance term's L1 weight,
-# the patch size and the trunk trained (--train-trunk), at 50 and 100 bands; every run selected on scenes/ (--val)
-# and resumable (run the same command again after an interruption).
+# the patch size and the trunk trained (--train-trunk), at 50 and 100 bands;
+# every run selected on scenes/ (--val) and resumable (run the same command
+# again after an interruption).
 #   bash recipes/ablate_students.sh [RUNS_DIR] [EPOCHS]   (from the repo root)
 # Summarise with benchmarks/summarise_runs.py (see README).
 # Cost on a quiet 2-core CPU: ~35 s an epoch of one seed, validation included.
