@@ -1,7 +1,10 @@
 """Seeds' spread of stage-2 runs (issue 10): from each run's metrics.jsonl,
 the best selectable epoch (not collapsed, see loop.COLLAPSE_RATIO) within
 the first --epochs epochs, its val mAUC and per-scene AUC, spa_f's scale;
-mean and std (ddof 1) over the runs of each group.
+mean and std (ddof 1) over the runs of each group. Beside it two figures
+free of choosing on the scenes scored: the last epoch's mAUC, and the
+held-out mAUC (for each scene, the epoch the other scenes' mean AUC picks,
+scored on that scene alone; the mean over scenes).
 
   python benchmarks/summarise_runs.py --group 50=RUN_A,RUN_B,RUN_C:5 \\
       --group 100=RUN_D,RUN_E:2 --out benchmarks/results/trained_students.json \\
@@ -22,19 +25,44 @@ def epochs_of(run):
             if '"kind": "epoch"' in line]
 
 
+def held_out(records):
+    """Leave-one-scene-out selection: for each scene, the live epoch with
+    the best mean AUC over the other scenes (ties: the later), and that
+    epoch's AUC on the scene. Returns (mean over scenes, {scene: epoch})."""
+    scenes = list(records[0]["val_auc"])
+    aucs, picked = [], {}
+    for s in scenes:
+        rest = [t for t in scenes if t != s]
+        pick = max(records, key=lambda r: (
+            float(np.mean([r["val_auc"][t] for t in rest])), r["epoch"]))
+        aucs.append(pick["val_auc"][s])
+        picked[s] = pick["epoch"]
+    return float(np.mean(aucs)), picked
+
+
 def best_of(run, max_epoch):
     records = [r for r in epochs_of(run) if r["epoch"] <= max_epoch]
     live = [r for r in records if not r.get("collapsed")]
     best = max(live, key=lambda r: (r["val_mauc"], r["epoch"]))  # ties: later
     config = json.loads((pathlib.Path(run) / "config.json").read_text())
+    held, picked = held_out(live)
     return {"run": str(run), "seed": config["seed"], "epoch": best["epoch"],
             "step": best["step"], "val_mauc": best["val_mauc"],
             "val_auc": best["val_auc"], "scale": best.get("scale"),
+            "last_epoch_mauc": records[-1]["val_mauc"],
+            "held_out_mauc": held, "held_out_epochs": picked,
             "epochs_seen": len(records),
             "collapsed_epochs": [r["epoch"] for r in records if r.get("collapsed")],
             "per_epoch": [{"epoch": r["epoch"], "val_mauc": r["val_mauc"],
                            "spa_max": (r.get("scale") or {}).get("spa_max"),
                            "collapsed": r.get("collapsed")} for r in records]}
+
+
+def spread(rows, key) -> dict:
+    """{key_mean, key_std} of rows[*][key] (std ddof 1; None for one row)."""
+    v = [r[key] for r in rows]
+    return {f"{key}_mean": float(np.mean(v)),
+            f"{key}_std": float(np.std(v, ddof=1)) if len(v) > 1 else None}
 
 
 def main(argv=None):
@@ -54,8 +82,8 @@ def main(argv=None):
         scenes = list(rows[0]["val_auc"])
         out["groups"][label] = {
             "max_epoch": int(max_epoch), "runs": rows,
-            "val_mauc_mean": float(np.mean(m)),
-            "val_mauc_std": float(np.std(m, ddof=1)) if len(m) > 1 else None,
+            **spread(rows, "val_mauc"), **spread(rows, "last_epoch_mauc"),
+            **spread(rows, "held_out_mauc"),
             "per_scene_mean": {s: float(np.mean([r["val_auc"][s] for r in rows]))
                                for s in scenes},
             "per_scene_std": {s: float(np.std([r["val_auc"][s] for r in rows],
@@ -66,6 +94,8 @@ def main(argv=None):
     pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
     if args.markdown:
         print(markdown(out["groups"]))
+        print()
+        print(unselected_markdown(out["groups"]))
 
 
 def markdown(groups) -> str:
@@ -90,6 +120,20 @@ def markdown(groups) -> str:
             else:
                 cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def unselected_markdown(groups) -> str:
+    """A row per group: best epoch (chosen on the scenes scored), last
+    epoch and held-out selection, mean +- std over its runs."""
+    def cell(g, key):
+        std = g[f"{key}_std"]
+        return f"{g[f'{key}_mean']:.4f}" + (f" +- {std:.4f}" if std else "")
+    lines = ["| group | runs | best epoch (selected on scenes/) | last epoch "
+             "| held-out selection |", "|---|---|---|---|---|"]
+    for label, g in groups.items():
+        lines.append(f"| {label} | {len(g['runs'])} | {cell(g, 'val_mauc')} | "
+                     f"{cell(g, 'last_epoch_mauc')} | {cell(g, 'held_out_mauc')} |")
     return "\n".join(lines)
 
 
