@@ -81,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="side of the background patches cut from scene files")
     p.add_argument("--stride", type=int, default=None,
                    help="step between patches (default: --patch-size)")
+    p.add_argument("--augment", action="store_true",
+                   help="turn each training image by one of the square's 8 "
+                        "symmetries (90-degree rotations, flips), drawn per "
+                        "seed, epoch and image; resumes exactly (an ablation: "
+                        "the reference does not)")
     p.add_argument("--lr", dest="learning_rate", type=float, default=0.005,
                    help="Adam learning rate (betas 0.5, 0.999, eps 1e-8)")
     p.add_argument("--trunk-bn", choices=("batch", "running"), default="running",

@@ -13,7 +13,11 @@ its position is the small dict `state` = {'epoch', 'step_in_epoch', 'seed',
 'num_examples', 'batch_size'}; passing a saved state back continues with
 exactly the batches an uninterrupted run would have given. Every image is
 band-selected (`data.select_bands`) and normalised on its own
-(`data.normalise`, into [-0.1, 0.1]), as the reference does.
+(`data.normalise`, into [-0.1, 0.1]), as the reference does. With
+`augment`, each image of an epoch is also turned by one of the square's 8
+symmetries (rotations by 90 degrees, with or without a flip), drawn from
+(seed, epoch) alone as the order is: an ablation (issue 10), not the
+reference.
 
 With `features` ({name: `feature_cache.FrozenFeatures`}, e.g. stage 2's
 frozen teacher as 'spe_f') a batch is {'image': images, name: their frozen
@@ -35,6 +39,16 @@ from fers_jax.datasets import crops
 from fers_jax.errors import InputError
 
 STATE_KEYS = ("epoch", "step_in_epoch", "seed", "num_examples", "batch_size")
+SYMMETRIES = 8  # of a square: 4 rotations, each with or without a flip
+_AUGMENT_STREAM = 1  # keeps the symmetries' draws apart from the order's
+
+
+def dihedral(x: np.ndarray, t: int) -> np.ndarray:
+    """Symmetry `t` (0 .. 7) of the square applied to an (H, W, ...) image:
+    rotation by 90 * (t % 4) degrees, then a left-right flip if t >= 4.
+    0 is the identity."""
+    y = np.rot90(x, t % 4, axes=(0, 1))
+    return np.ascontiguousarray(y[:, ::-1] if t >= 4 else y)
 
 
 def tfds_source(dataset, split: str = "train", data_dir=None):
@@ -121,6 +135,10 @@ class Batches:
         of the whole batch.
       features: {name: `feature_cache.FrozenFeatures`}: batches become
         {'image': images, name: the features of the images, ...}.
+      augment: turn every image by a symmetry of the square drawn per
+        (seed, epoch, example) (`symmetries`); square images only. Features
+        are those of the turned image (a frozen model need not commute
+        with the turn), each computed on first use.
 
     `state` is the position of the next batch; save it with the model. An
     epoch has just ended when `state['step_in_epoch'] == 0`.
@@ -132,7 +150,7 @@ class Batches:
                  num_epochs: Optional[int] = None,
                  state: Optional[Mapping] = None, prefetch: int = 2,
                  workers: Optional[int] = None, part=(0, 1),
-                 features=None):
+                 features=None, augment: bool = False):
         n = len(source)
         if int(batch_size) != batch_size or batch_size <= 0:
             raise InputError(f"batch size must be a positive integer, got "
@@ -155,6 +173,7 @@ class Batches:
         self.batch_size = int(batch_size)
         self.bands, self.band_start = bands, band_start
         self.shuffle, self.num_epochs = shuffle, num_epochs
+        self.augment = bool(augment)
         self._state = {"epoch": 0, "step_in_epoch": 0, "seed": int(seed),
                        "num_examples": n, "batch_size": self.batch_size}
         if state is not None:
@@ -186,35 +205,48 @@ class Batches:
         rng = np.random.default_rng([self._state["seed"], epoch])
         return rng.permutation(n)
 
+    def symmetries(self, epoch: int) -> np.ndarray:
+        """Each example's symmetry (`dihedral`) in one epoch, by example
+        index: all 0 without `augment`."""
+        n = self._state["num_examples"]
+        if not self.augment:
+            return np.zeros(n, np.int64)
+        rng = np.random.default_rng([self._state["seed"], epoch, _AUGMENT_STREAM])
+        return rng.integers(SYMMETRIES, size=n)
+
     def _positions(self):
-        """(indices, state after this batch) from the current position on."""
+        """(indices, their symmetries, state after this batch) from the
+        current position on."""
         epoch, step = self._state["epoch"], self._state["step_in_epoch"]
         while self.num_epochs is None or epoch < self.num_epochs:
-            order = self.order(epoch)
+            order, turns = self.order(epoch), self.symmetries(epoch)
             for s in range(step, self.steps_per_epoch):
                 idx = order[s * self.batch_size:(s + 1) * self.batch_size]
                 index, count = self.part
                 size = self.batch_size // count
                 idx = idx[index * size:(index + 1) * size]
                 e, t = (epoch, s + 1) if s + 1 < self.steps_per_epoch else (epoch + 1, 0)
-                yield idx, dict(self._state, epoch=e, step_in_epoch=t)
+                yield idx, turns[idx], dict(self._state, epoch=e, step_in_epoch=t)
             epoch, step = epoch + 1, 0
 
-    def load(self, idx):
-        """The batch at `idx`: its images read, band-selected, normalised
-        and stacked (with `features`, a dict with their features too)."""
-        images = self.load_images(idx)
+    def load(self, idx, turns=None):
+        """The batch at `idx`: its images read, band-selected, normalised,
+        turned by `turns` (symmetries, one per image; None: none) and
+        stacked (with `features`, a dict with their features too)."""
+        images = self.load_images(idx, turns)
         if not self.features:
             return images
         return {"image": images,
                 **{name: f(images) for name, f in self.features.items()}}
 
-    def load_images(self, idx) -> np.ndarray:
-        """Reads, band-selects and normalises the images at `idx`, stacked."""
+    def load_images(self, idx, turns=None) -> np.ndarray:
+        """Reads, band-selects, normalises and turns (`load`) the images at
+        `idx`, stacked."""
         idx = [int(i) for i in idx]
+        turns = [0] * len(idx) if turns is None else [int(t) for t in turns]
         getitems = getattr(self.source, "__getitems__", None)
         items = getitems(idx) if getitems else [self.source[i] for i in idx]
-        images = list(self._pool.map(self._prepare, zip(idx, items)))
+        images = list(self._pool.map(self._prepare, zip(idx, items, turns)))
         for (i, item), x in zip(zip(idx, items), images):
             if x.shape != images[0].shape:
                 where = _image_of(item, i)[1]
@@ -223,11 +255,16 @@ class Batches:
                                  f"images must share size and band count")
         return np.stack(images)
 
-    def _prepare(self, i_item) -> np.ndarray:
-        image, where = _image_of(i_item[1], i_item[0])
+    def _prepare(self, i_item_turn) -> np.ndarray:
+        i, item, turn = i_item_turn
+        image, where = _image_of(item, i)
         x = data.select_bands(np.asarray(image), self.bands, self.band_start,
                               where)
-        return data.normalise(x, where)
+        if self.augment and x.shape[0] != x.shape[1]:
+            raise InputError(f"{where}: image of {x.shape[0]} x {x.shape[1]} "
+                             f"pixels: augmenting by the square's symmetries "
+                             f"needs square images")
+        return dihedral(data.normalise(x, where), turn)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -240,8 +277,8 @@ class Batches:
 
     def _produce(self):
         try:
-            for idx, after in self._positions():
-                if not self._put((self.load(idx), after)):
+            for idx, turns, after in self._positions():
+                if not self._put((self.load(idx, turns), after)):
                     return
             self._put(_END)
         except BaseException as e:  # handed to the consumer, raised there

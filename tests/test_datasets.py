@@ -252,6 +252,23 @@ def test_batches_are_deterministic_and_resume_exactly(train_source):
         input_pipeline.batches(train_source, 4, seed=9, state=state)
     with pytest.raises(InputError, match="batch_size=4, now batch_size=2"):
         input_pipeline.batches(train_source, 2, seed=7, state=state)
+    # Augmented, the same: its symmetries, like the order, come from
+    # (seed, epoch) alone.
+    with input_pipeline.batches(train_source, 4, seed=7, augment=True) as it:
+        turned = take(it, k + 3)
+    assert not np.array_equal(np.stack(turned), np.stack(whole))
+    with input_pipeline.batches(train_source, 4, seed=7, augment=True,
+                                state=state) as it:
+        for want in turned[k:]:
+            np.testing.assert_array_equal(next(it), want)
+
+
+def test_augment_refuses_images_that_are_not_square():
+    source = [np.random.default_rng(0).random((6, 8, 3), np.float32)] * 2
+    with input_pipeline.batches(source, 2, seed=0, augment=True) as it:
+        with pytest.raises(InputError, match="example 0: image of 6 x 8 "
+                                             "pixels: .*needs square images"):
+            next(it)
 
 
 def test_in_memory_source_matches_patch_dataset(built):

@@ -142,3 +142,34 @@ def test_stage1_has_nothing_frozen_to_cache():
     from fers_jax.training import stage1
     assert loop.frozen_features(stage1.task(BANDS, "tiny"), None, None,
                                 (0, 1)) == {}
+
+
+def test_augmented_batches_turn_images_and_their_features(teacher, source):
+    """--augment: each image is one of the square's 8 symmetries of the
+    plain one, drawn per (seed, epoch, image), and its features are the
+    teacher's of the turned image (not the turned features: the teacher's
+    3x3 convs need not commute with the turn)."""
+    task, st = stage2_state(teacher)
+    features = task.frozen_features(st.variables(), chunk=4)
+    plain = input_pipeline.batches(source, 4, seed=3, bands=BANDS, num_epochs=2)
+    turned = input_pipeline.batches(source, 4, seed=3, bands=BANDS, num_epochs=2,
+                                    features=features, augment=True)
+    with plain, turned:
+        got = list(zip(plain, turned))
+        assert turned.state == plain.state
+    seen = set()
+    for step, (x, batch) in enumerate(got):
+        epoch, s = divmod(step, plain.steps_per_epoch)
+        idx = plain.order(epoch)[4 * s:4 * s + 4]
+        for j, t in enumerate(turned.symmetries(epoch)[idx]):
+            np.testing.assert_array_equal(batch["image"][j],
+                                          input_pipeline.dihedral(x[j], t))
+            seen.add(int(t))
+        np.testing.assert_array_equal(batch["spe_f"],
+                                      features["spe_f"].compute(batch["image"]))
+    assert len(seen) > 2  # several symmetries drawn, not the identity alone
+    # The 8 symmetries are distinct and 0 is the identity.
+    x = got[0][0][0]
+    flat = {input_pipeline.dihedral(x, t).tobytes()
+            for t in range(input_pipeline.SYMMETRIES)}
+    assert len(flat) == 8 and input_pipeline.dihedral(x, 0).tobytes() == x.tobytes()

@@ -396,6 +396,9 @@ def test_resume_refuses_other_settings(straight_run, tmp_path):
     with pytest.raises(loop.InputError, match="batch_size: 4 -> 2"):
         loop.train_and_evaluate(tiny_config("stage1", out, steps=14, resume=True,
                                             batch_size=2))
+    with pytest.raises(loop.InputError, match="augment: False -> True"):
+        loop.train_and_evaluate(tiny_config("stage1", out, steps=14, resume=True,
+                                            augment=True))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path,

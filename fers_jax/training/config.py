@@ -43,6 +43,9 @@ class TrainConfig:
       batch_size: images per step.
       patch_size, stride: background patches cut from scene files
         (stride None: patch_size).
+      augment: turn each training image by a symmetry of the square drawn
+        per (seed, epoch, image) (input_pipeline.Batches; an ablation, the
+        reference does not).
       val, test: scenes scored after every epoch (mAUC). `test` defaults to
         the test split of HAD100 roots in `data`.
       select: which mAUC picks the best epoch: 'val', 'test' or 'none';
@@ -86,6 +89,7 @@ class TrainConfig:
     band_start: int = 0
     patch_size: int = 64
     stride: Optional[int] = None
+    augment: bool = False
     val: Tuple[str, ...] = ()
     test: Tuple[str, ...] = ()
     select: Optional[str] = None

@@ -61,7 +61,7 @@ from fers_jax.training.state import (AdamConfig, TrainState, count,
 RESUME_FIELDS = ("stage", "bands", "band_start", "model", "batch_size",
                  "patch_size", "stride", "sensor", "learning_rate", "b1", "b2",
                  "eps", "trunk_bn", "bce_on_logits", "train_trunk",
-                 "loss_weights")
+                 "loss_weights", "augment")
 
 
 class TrainingError(FersError):
@@ -429,7 +429,7 @@ class _Run:
         self.batches = input_pipeline.batches(
             self.source, cfg.batch_size, seed=self.data_seed, bands=cfg.bands,
             band_start=cfg.band_start, state=meta["data"] if meta else None,
-            part=self.part, features=frozen_features(self.task, self.state,
+            part=self.part, augment=cfg.augment, features=frozen_features(self.task, self.state,
                                                      cfg, self.part))
         self.total = cfg.steps or cfg.epochs * self.batches.steps_per_epoch
         self.log = MetricsLog(self.out / "metrics.jsonl", int(self.state.step),
