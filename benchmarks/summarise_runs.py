@@ -43,6 +43,9 @@ def held_out(records):
 def best_of(run, max_epoch):
     records = [r for r in epochs_of(run) if r["epoch"] <= max_epoch]
     live = [r for r in records if not r.get("collapsed")]
+    if not live:
+        raise SystemExit(f"{run}: every epoch up to {max_epoch} collapsed "
+                         f"(spa_f ~ 0): nothing selectable to summarise")
     best = max(live, key=lambda r: (r["val_mauc"], r["epoch"]))  # ties: later
     config = json.loads((pathlib.Path(run) / "config.json").read_text())
     held, picked = held_out(live)

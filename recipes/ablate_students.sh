@@ -2,7 +2,8 @@
 # The stage-2 runs of README "Trained models" (issue 10): the 3-seed runs of
 # the shipped settings at 50 and 100 bands (one program each, --seeds 3), and
 # the ablations (one seed each unless said): the variance term's L1 weight,
-# the patch size and the trunk trained (--train-trunk), at 50 and 100 bands;
+# the patch size, the trunk trained (--train-trunk), the learning rate, the
+# decorrelation terms' weight (off, x10) and --augment, at 50 and 100 bands;
 # every run selected on scenes/ (--val) and resumable (run the same command
 # again after an interruption).
 #   bash recipes/ablate_students.sh [RUNS_DIR] [EPOCHS]   (from the repo root)
@@ -32,3 +33,11 @@ run seeds_b50 50 32 --seeds 3
 run seeds_b100 100 32 --seeds 3
 run seeds_b100_l1off 100 32 --seeds 3 --loss-weights l1=0
 run seeds_b100_train_trunk 100 32 --seeds 3 --train-trunk
+run seeds_b100_lr1e-3 100 32 --seeds 3 --lr 0.001
+run seeds_b50_lr1e-3 50 32 --seeds 3 --lr 0.001
+run b100_p32_nodecor 100 32 --loss-weights cc=0,cos=0
+run b50_p32_nodecor 50 32 --loss-weights cc=0,cos=0
+run b100_p32_decor10 100 32 --loss-weights cc=10,cos=1
+run b50_p32_decor10 50 32 --loss-weights cc=10,cos=1
+run seeds_b100_augment 100 32 --seeds 3 --augment
+run seeds_b50_augment 50 32 --seeds 3 --augment
