@@ -41,3 +41,7 @@ run b100_p32_decor10 100 32 --loss-weights cc=10,cos=1
 run b50_p32_decor10 50 32 --loss-weights cc=10,cos=1
 run seeds_b100_augment 100 32 --seeds 3 --augment
 run seeds_b50_augment 50 32 --seeds 3 --augment
+# The reference's 60 epochs, seed 0 (run here by resuming the 8-epoch runs
+# b100_p32 and seeds_b50/seed_0 with --epochs 60; resuming is exact).
+run b100_p32_e60 100 32 --epochs 60
+run b50_p32_e60 50 32 --epochs 60
