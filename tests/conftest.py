@@ -1,7 +1,10 @@
 """Shared test fixtures: where ../shared lives, and the golden files."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +15,13 @@ GOLDEN = SHARED / "reference" / "golden"
 CHECKPOINTS = SHARED / "reference" / "checkpoints" / "saved_models"
 SCENES = SHARED / "data" / "scenes"
 BACKGROUND = SHARED / "data" / "background"
+
+# The scripts keep compiled programs (fers_jax.cli.use_compilation_cache):
+# the suite's, scripts run as subprocesses included, go to a folder of its
+# own, not the user's cache.
+if "FERS_JAX_CACHE" not in os.environ:
+    os.environ["FERS_JAX_CACHE"] = tempfile.mkdtemp(prefix="fers-jax-xla-")
+    atexit.register(shutil.rmtree, os.environ["FERS_JAX_CACHE"], True)
 
 
 def pytest_configure(config):
