@@ -59,7 +59,7 @@ def use_compilation_cache():
     """Turns on JAX's persistent compilation cache (compiles of 1 s or more,
     keyed by the program, the JAX version and the flags), so a second run
     of the same models and shapes loads its programs instead of compiling
-    them again: about 20 s of a stage-2 train.py start-up on 2 CPU cores.
+    them again: about 15 s of a stage-2 train.py start-up on 2 CPU cores.
     A cache directory the user gave JAX (JAX_COMPILATION_CACHE_DIR) is left
     as it is; one that cannot be created is skipped with a warning."""
     import jax
