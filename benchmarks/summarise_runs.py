@@ -61,11 +61,16 @@ def best_of(run, max_epoch):
                            "collapsed": r.get("collapsed")} for r in records]}
 
 
+def mean_std(values):
+    """(mean, std with ddof 1; None for one value)."""
+    return (float(np.mean(values)),
+            float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
 def spread(rows, key) -> dict:
-    """{key_mean, key_std} of rows[*][key] (std ddof 1; None for one row)."""
-    v = [r[key] for r in rows]
-    return {f"{key}_mean": float(np.mean(v)),
-            f"{key}_std": float(np.std(v, ddof=1)) if len(v) > 1 else None}
+    """{key_mean, key_std} of rows[*][key]."""
+    mean, std = mean_std([r[key] for r in rows])
+    return {f"{key}_mean": mean, f"{key}_std": std}
 
 
 def main(argv=None):
@@ -81,18 +86,17 @@ def main(argv=None):
         label, rest = g.split("=", 1)
         runs, max_epoch = rest.rsplit(":", 1)
         rows = [best_of(r, int(max_epoch)) for r in runs.split(",")]
-        m = [r["val_mauc"] for r in rows]
         scenes = list(rows[0]["val_auc"])
         out["groups"][label] = {
             "max_epoch": int(max_epoch), "runs": rows,
             **spread(rows, "val_mauc"), **spread(rows, "last_epoch_mauc"),
             **spread(rows, "held_out_mauc"),
-            "per_scene_mean": {s: float(np.mean([r["val_auc"][s] for r in rows]))
+            "per_scene_mean": {s: mean_std([r["val_auc"][s] for r in rows])[0]
                                for s in scenes},
-            "per_scene_std": {s: float(np.std([r["val_auc"][s] for r in rows],
-                                              ddof=1)) if len(rows) > 1 else None
+            "per_scene_std": {s: mean_std([r["val_auc"][s] for r in rows])[1]
                               for s in scenes}}
-        print(label, f"{np.mean(m):.4f} +- {np.std(m, ddof=1) if len(m) > 1 else 0:.4f}",
+        g = out["groups"][label]
+        print(label, f"{g['val_mauc_mean']:.4f} +- {g['val_mauc_std'] or 0:.4f}",
               [(r["seed"], r["epoch"], round(r["val_mauc"], 4)) for r in rows])
     pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
     if args.markdown:
