@@ -731,8 +731,13 @@ def test_seeds_step_equals_one_seed_steps(teacher, batch, axis):
     replica on its own batch: same losses and parameters to float32
     rounding. vmap batches the convolutions (another summation order); map
     and unroll run each replica's own ops. Measured (tiny sizes): largest
-    parameter difference 0 (unroll), 1.8e-6 (map), 3.9e-5 (vmap); another
-    replica's parameters differ by the init's scale (~0.07)."""
+    parameter difference 0 (unroll), 3e-7 (map); vmap 1.3e-5 for replica 0,
+    and for replica 1 2 of 10,103 parameters above 1e-4 (up to 7.5e-3, on
+    one machine; 3.9e-5 on another). Adam's first step divides each gradient
+    by its own size (+ eps), so a near-zero gradient's rounding can move a
+    parameter by up to lr either way: for vmap the test bounds the share of
+    parameters off by more than 1e-4, and the largest difference by 2 lr.
+    Another replica's parameters differ by the init's scale (~0.07)."""
     pairs = [stage2_state(teacher, key=k) for k in (0, 1)]
     task = pairs[0][0]
     states = [p[1] for p in pairs]
@@ -745,7 +750,12 @@ def test_seeds_step_equals_one_seed_steps(teacher, batch, axis):
     for k, (st_k, m_k) in enumerate(want):
         np.testing.assert_allclose(got_m["loss"][k], m_k["loss"], rtol=1e-5)
         got_k = state.unstack_state(got_state, k)
-        diffs = [np.max(np.abs(np.asarray(a) - np.asarray(b)))
-                 for a, b in zip(jax.tree.leaves(got_k.params),
-                                 jax.tree.leaves(st_k.params))]
-        assert max(diffs) < (1e-3 if axis == "vmap" else 1e-4), (axis, k)
+        diffs = np.concatenate([
+            np.abs(np.asarray(a) - np.asarray(b)).ravel()
+            for a, b in zip(jax.tree.leaves(got_k.params),
+                            jax.tree.leaves(st_k.params))])
+        if axis == "vmap":
+            assert np.mean(diffs > 1e-4) < 1e-3, (axis, k, np.mean(diffs > 1e-4))
+            assert diffs.max() <= 2 * state.AdamConfig().learning_rate, (axis, k)
+        else:
+            assert diffs.max() < 1e-4, (axis, k)
