@@ -17,7 +17,13 @@ side by side) and DIR/roc/<scene>.png (a curve per method). --teacher and
 import argparse
 import sys
 
-from fers_jax import cli, detectors, evaluation
+from fers_jax import cli
+
+if __name__ == "__main__":
+    # Before JAX loads: glibc reads its malloc tunables at start-up only.
+    cli.restart_with_huge_pages()
+
+from fers_jax import detectors, evaluation  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -21,8 +21,14 @@ checkpoint and stops; --resume continues exactly where it stopped.
 import argparse
 import sys
 
-from fers_jax import cli, parallel
-from fers_jax.training import config, loop
+from fers_jax import cli
+
+if __name__ == "__main__":
+    # Before JAX loads: glibc reads its malloc tunables at start-up only.
+    cli.restart_with_huge_pages()
+
+from fers_jax import parallel  # noqa: E402
+from fers_jax.training import config, loop  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
