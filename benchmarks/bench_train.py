@@ -58,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fers_jax import input_pipeline  # noqa: E402
+from fers_jax import cli, input_pipeline  # noqa: E402
 
 REPO = tr.REPO
 DATA = tr.SHARED / "data"
@@ -373,10 +373,20 @@ def main(argv=None):
                    help="stage1: images per step (default 16; the full-size "
                         "step at 16 needs ~18 GB with both frameworks loaded)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--huge-pages", action="store_true",
+                   help="restart this process with glibc's huge-page tunable, "
+                        "as train.py does (torch and the in-process fers_jax "
+                        "steps get it too); without it, only train.py's "
+                        "subprocess has it")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.huge_pages:
+        cli.restart_with_huge_pages()
     torch.set_num_threads(args.threads)
     env = bi.environment(args.threads)
+    # The malloc this process (torch, and fers_jax's in-process steps) ran with.
+    env["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
+    env["thp_mode"] = cli.thp_mode()
     env["uptime"] = subprocess.run(["uptime"], capture_output=True,
                                    text=True).stdout.strip()
     print(f"# bench_train {args.part}: {env['cpu']} ({env['cpu_count']} cores), "
