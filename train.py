@@ -104,10 +104,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stage 2: train the ResNet-34 trunk too (an ablation; the "
                         "reference keeps it frozen)")
     p.add_argument("--loss-weights", metavar="NAME=W,...", default=None,
-                   help="stage 2: loss weights, any of cc, cos, var, mse, ssim and "
+                   help="stage 2: loss weights, any of cc, cos, var, mse, ssim, "
                         "l1 (the variance term's L1 part weighed on its own, an "
-                        "ablation) (default: the reference's, cc=1,cos=0.1,"
-                        "var=0.1,mse=1,ssim=0.01, l1 with var)")
+                        "ablation) and fa (the detection map's peaks on the "
+                        "anomaly-free training images, losses.false_alarm; not the "
+                        "reference's) (default: the reference's, cc=1,cos=0.1,"
+                        "var=0.1,mse=1,ssim=0.01, l1 with var, fa=0)")
     p.add_argument("--bce-on-logits", action="store_true",
                    help="stage 1: BCE on the classifier's logits instead of the "
                         "reference's BCE on its sigmoid output")

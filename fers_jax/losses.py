@@ -202,12 +202,48 @@ def ssim_loss(a, b, window_size=5, max_val=1.0):
     return jnp.mean(jnp.clip((1.0 - s) / 2.0, 0.0, 1.0))
 
 
+def _patch_rx(z, ridge=1e-6):
+    """Differentiable RX of each image of z (N, H, W, B): squared Mahalanobis
+    distances to the image's mean (N, H * W), with a ridge of
+    `ridge` * mean eigenvalue in place of the pseudo-inverse's cutoff."""
+    n, h, w, b = z.shape
+    c = z.reshape(n, h * w, b)
+    c = c - c.mean(1, keepdims=True)
+    cov = jnp.einsum("npi,npj->nij", c, c) / (h * w - 1)
+    cov = cov + ridge * jnp.trace(cov, axis1=1, axis2=2)[:, None, None] / b \
+        * jnp.eye(b, dtype=z.dtype)
+    solved = jnp.linalg.solve(cov, jnp.swapaxes(c, 1, 2))  # (N, B, P)
+    return jnp.einsum("npb,nbp->np", c, solved)
+
+
+def false_alarm(x, spe_f, spa_f, fusion: str, top: float = 0.01):
+    """How peaked the FERS map is on anomaly-free images (not the
+    reference's; an ablation for issue 10): per image, the mean of its
+    highest `top` share of map values over the map's mean, averaged over
+    the batch. On background every peak is a false alarm; a flat map gives
+    1. The map is the detection's (sum: RX(x + spe_f + spa_f); product:
+    the min-max scaled RX(x + spa_f) times RX(x + spe_f), the second
+    without gradient), each image's RX on its own pixels."""
+    def unit(m):
+        lo, hi = m.min(1, keepdims=True), m.max(1, keepdims=True)
+        return (m - lo) / (hi - lo + 1e-12)
+    if fusion == "sum":
+        score = _patch_rx(x + spe_f + spa_f)
+    else:
+        score = unit(_patch_rx(x + spa_f)) * jax.lax.stop_gradient(
+            unit(_patch_rx(x + spe_f)))
+    k = max(1, int(round(top * score.shape[1])))
+    peaks = jax.lax.top_k(score, k)[0].mean(1)
+    return jnp.mean(peaks / (score.mean(1) + 1e-12))
+
+
 class Stage2Weights(NamedTuple):
     """Weights of the stage-2 terms; the defaults are the reference's.
 
     `l1` weighs the L1 part of the variance term on its own (an ablation,
     issue 10: the L1 push is what shrinks spa_f); None: `var` weighs the
-    whole term, hinge and L1, as the reference does.
+    whole term, hinge and L1, as the reference does. `fa` weighs
+    `false_alarm` (not the reference's; 0: not computed).
     """
     cc: float = 1.0
     cos: float = 0.1
@@ -215,6 +251,7 @@ class Stage2Weights(NamedTuple):
     mse: float = 1.0
     ssim: float = 0.01
     l1: Optional[float] = None
+    fa: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> "Stage2Weights":
@@ -237,7 +274,8 @@ class Stage2Weights(NamedTuple):
         return cls(**fields)
 
 
-def stage2_loss(spe_f, spa_f, recon, x, weights=Stage2Weights()):
+def stage2_loss(spe_f, spa_f, recon, x, weights=Stage2Weights(),
+                fusion: str = "sum"):
     """FERS stage-2 loss.
 
     Args:
@@ -246,10 +284,12 @@ def stage2_loss(spe_f, spa_f, recon, x, weights=Stage2Weights()):
         recon: (N, H, W, B) restoration net output, FRN(spa_f + spe_f).
         x: (N, H, W, B) input cube.
         weights: a Stage2Weights.
+        fusion: the detection map's ("sum" or "product"), for `fa` only.
 
     Returns:
         (total, terms): the weighted sum and a dict of the unweighted terms
-        "cc", "cos", "var", "mse", "ssim", and "l1", the L1 part of "var".
+        "cc", "cos", "var", "mse", "ssim", "l1" (the L1 part of "var"), and
+        "fa" where its weight is not 0.
     """
     hinge, l1 = _variance_parts(spa_f)
     terms = {
@@ -259,6 +299,8 @@ def stage2_loss(spe_f, spa_f, recon, x, weights=Stage2Weights()):
         "mse": mse(recon, x),
         "ssim": ssim_loss(recon, x),
     }
+    if weights.fa:
+        terms["fa"] = false_alarm(x, spe_f, spa_f, fusion)
     total = sum(getattr(weights, k) * v for k, v in terms.items())
     if weights.l1 is not None:  # the L1 part weighed on its own
         total = total + (weights.l1 - weights.var) * l1

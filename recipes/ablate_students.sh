@@ -45,3 +45,7 @@ run seeds_b50_augment 50 32 --seeds 3 --augment
 # b100_p32 and seeds_b50/seed_0 with --epochs 60; resuming is exact).
 run b100_p32_e60 100 32 --epochs 60
 run b50_p32_e60 50 32 --epochs 60
+# The false-alarm term (losses.false_alarm, not the reference's): the
+# detection map's peaks on the anomaly-free training patches, weight 1.
+run seeds_b50_fa1 50 32 --seeds 3 --loss-weights fa=1
+run seeds_b100_fa1 100 32 --seeds 3 --loss-weights fa=1

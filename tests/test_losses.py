@@ -286,3 +286,40 @@ def test_loss_weights_parse():
     for bad in ("var", "foo=1", "var=x", "cc=-1"):
         with pytest.raises(InputError, match="--loss-weights"):
             losses.Stage2Weights.parse(bad)
+
+
+# --- the false-alarm ablation term (not the reference's) -----------------------
+
+def test_false_alarm_measures_the_maps_peaks():
+    x, spe = random_nhwc(70, (2, 12, 10, 6)), random_nhwc(71, (2, 12, 10, 6))
+    zero = jnp.zeros_like(x)
+    for fusion in ("sum", "product"):
+        base = float(losses.false_alarm(x, spe, zero, fusion))
+        assert base >= 1.0, fusion  # the top share's mean over the mean
+        # One outlying pixel in every image of what the student's map sees.
+        peaked = float(losses.false_alarm(x.at[:, 3, 4].add(25.0), spe, zero,
+                                          fusion))
+        assert peaked > 1.5 * base, (fusion, peaked, base)
+    # RX per image: the map of image 0 ignores image 1.
+    one = losses._patch_rx(x)[0]
+    np.testing.assert_allclose(losses._patch_rx(x.at[1].multiply(3.0))[0], one,
+                               rtol=1e-5)
+    # Against a plain NumPy Mahalanobis distance (the ridge is negligible).
+    c = np.asarray(x[0], np.float64).reshape(-1, 6)
+    c -= c.mean(0)
+    ref = np.einsum("pi,ij,pj->p", c, np.linalg.inv(c.T @ c / (len(c) - 1)), c)
+    np.testing.assert_allclose(one, ref, rtol=1e-3)
+
+
+def test_false_alarm_weight_and_gradient():
+    spe, spa, rec, x = (random_nhwc(s) for s in (60, 61, 62, 63))
+    ref_total, ref = losses.stage2_loss(spe, spa, rec, x)
+    assert "fa" not in ref  # weight 0: not computed, the reference's loss
+    for fusion in ("sum", "product"):
+        total, terms = losses.stage2_loss(spe, spa, rec, x,
+                                          losses.Stage2Weights(fa=0.5), fusion)
+        np.testing.assert_allclose(float(total - ref_total),
+                                   0.5 * float(terms["fa"]), rtol=1e-4)
+        grad = jax.grad(lambda s: losses.false_alarm(x, spe, s, fusion))(spa)
+        assert np.isfinite(grad).all() and float(jnp.abs(grad).max()) > 0, fusion
+    assert losses.Stage2Weights.parse("fa=0.1").fa == 0.1

@@ -19,7 +19,7 @@ import pytest
 
 import evaluate
 from conftest import BACKGROUND, GOLDEN, SCENES
-from fers_jax import checkpoints, convert, data, input_pipeline, losses
+from fers_jax import checkpoints, convert, data, inference, input_pipeline, losses
 from fers_jax.training import config, loop, stage1, stage2, state
 
 BANDS = 20
@@ -759,3 +759,17 @@ def test_seeds_step_equals_one_seed_steps(teacher, batch, axis):
             assert diffs.max() <= 2 * state.AdamConfig().learning_rate, (axis, k)
         else:
             assert diffs.max() < 1e-4, (axis, k)
+
+
+def test_stage2_false_alarm_term_in_the_step(teacher, batch):
+    """--loss-weights fa=W: the step's loss is stage2_loss with the term, at
+    the task's resolved fusion (product at this test's 50 bands or fewer)."""
+    task, st = stage2_state(teacher, weights=losses.Stage2Weights(fa=0.3))
+    spe_f, spa_f, recon, _ = jax.jit(task.forward, static_argnums=2)(
+        st.variables(), batch, True)
+    total, terms = losses.stage2_loss(spe_f, spa_f, recon, batch, task.weights,
+                                      inference.resolve_fusion("auto", BANDS))
+    _, measured = state.jit_train_step(task, state.AdamConfig())(st, batch)
+    assert "fa" in measured
+    for k, v in {"loss": total, **terms}.items():
+        np.testing.assert_allclose(measured[k], v, rtol=1e-5, err_msg=k)

@@ -135,7 +135,9 @@ class Stage2:
             else (batch, None)
         spe_f, spa_f, recon, new_bs = self.forward(variables, x, train=True,
                                                    spe_f=spe_f)
-        total, terms = losses.stage2_loss(spe_f, spa_f, recon, x, self.weights)
+        total, terms = losses.stage2_loss(
+            spe_f, spa_f, recon, x, self.weights,
+            inference.resolve_fusion(self.fusion, self.bands))
         return total, (terms, new_bs)
 
     def features(self, variables, x):
