@@ -47,5 +47,8 @@ run b100_p32_e60 100 32 --epochs 60
 run b50_p32_e60 50 32 --epochs 60
 # The false-alarm term (losses.false_alarm, not the reference's): the
 # detection map's peaks on the anomaly-free training patches, weight 1.
-run seeds_b50_fa1 50 32 --seeds 3 --loss-weights fa=1
-run seeds_b100_fa1 100 32 --seeds 3 --loss-weights fa=1
+# One seed at a time: --seeds with fa hung on CPU (train.py refuses it).
+for s in 0 1 2; do
+  run fa1_b50_s$s 50 32 --loss-weights fa=1 --seed $s
+  run fa1_b100_s$s 100 32 --loss-weights fa=1 --seed $s
+done

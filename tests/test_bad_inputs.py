@@ -738,6 +738,15 @@ def test_train_script_one_line_error(tmp_path):
     assert_script_error(proc, tmp_path / "absent", "no such file or folder")
 
 
+def test_train_stage2_fa_with_seeds_refused(tmp_path, capsys):
+    argv = _train_argv(tmp_path, "--teacher", CHECKPOINTS / "50bands",
+                       "--loss-weights", "fa=1", "--seeds", "2")
+    argv[0] = "stage2"
+    code, err = call(train.main, argv, capsys)
+    assert_error(code, err, "--loss-weights fa with --seeds", "train each seed")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_stage2_bad_loss_weights(tmp_path, capsys):
     argv = _train_argv(tmp_path, "--teacher", CHECKPOINTS / "50bands",
                        "--loss-weights", "var=0.5,l1=lots")

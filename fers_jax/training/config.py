@@ -142,7 +142,13 @@ class TrainConfig:
         if self.loss_weights is not None:
             if self.stage != "stage2":
                 raise InputError("--loss-weights is a stage-2 option")
-            self.stage2_weights  # parses, or says what is wrong
+            # Measured hang, not diagnosed: train.py --seeds with the fa term
+            # stopped in its first step (XLA:CPU workers idle); one seed at a
+            # time, and the same K-seed step outside train.py, ran.
+            if self.stage2_weights.fa and (self.seeds or 1) > 1:
+                raise InputError("--loss-weights fa with --seeds: that "
+                                 "combination hung on CPU; train each seed on "
+                                 "its own (--seed S)")
         if self.stage == "stage2" and not self.teacher:
             raise InputError("stage 2 needs --teacher CKPT (a published "
                              "teacher folder or a stage-1 checkpoint)")
