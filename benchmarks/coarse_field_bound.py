@@ -40,7 +40,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from fers_jax import (checkpoints, inference, input_pipeline,  # noqa: E402
-                      metrics)
+                      losses, metrics)
 from fers_jax.models import layers  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -72,14 +72,9 @@ def fields(z):
 
 
 def _rx(z):
-    """Differentiable RX of one cube (H, W, B), the reference's form with a
-    tiny ridge in place of the pseudo-inverse's cutoff."""
-    z = (z - z.min()) / (z.max() - z.min())
-    flat = z.reshape(-1, z.shape[-1])
-    c = flat - flat.mean(0)
-    cov = c.T @ c / (c.shape[0] - 1)
-    cov = cov + 1e-10 * jnp.trace(cov) * jnp.eye(cov.shape[0])
-    return jnp.sum(c * jnp.linalg.solve(cov, c.T).T, -1)
+    """RX of one cube (H, W, B), differentiable (losses.patch_rx: a tiny
+    ridge in place of the pseudo-inverse's cutoff), flattened."""
+    return losses.patch_rx(z[None], ridge=1e-10)[0]
 
 
 def _unit(m):

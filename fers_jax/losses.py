@@ -202,7 +202,7 @@ def ssim_loss(a, b, window_size=5, max_val=1.0):
     return jnp.mean(jnp.clip((1.0 - s) / 2.0, 0.0, 1.0))
 
 
-def _patch_rx(z, ridge=1e-6):
+def patch_rx(z, ridge=1e-6):
     """Differentiable RX of each image of z (N, H, W, B): squared Mahalanobis
     distances to the image's mean (N, H * W), with a ridge of
     `ridge` * mean eigenvalue in place of the pseudo-inverse's cutoff."""
@@ -228,10 +228,10 @@ def false_alarm(x, spe_f, spa_f, fusion: str, top: float = 0.01):
         lo, hi = m.min(1, keepdims=True), m.max(1, keepdims=True)
         return (m - lo) / (hi - lo + 1e-12)
     if fusion == "sum":
-        score = _patch_rx(x + spe_f + spa_f)
+        score = patch_rx(x + spe_f + spa_f)
     else:
-        score = unit(_patch_rx(x + spa_f)) * jax.lax.stop_gradient(
-            unit(_patch_rx(x + spe_f)))
+        score = unit(patch_rx(x + spa_f)) * jax.lax.stop_gradient(
+            unit(patch_rx(x + spe_f)))
     k = max(1, int(round(top * score.shape[1])))
     peaks = jax.lax.top_k(score, k)[0].mean(1)
     return jnp.mean(peaks / (score.mean(1) + 1e-12))

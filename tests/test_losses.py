@@ -301,8 +301,8 @@ def test_false_alarm_measures_the_maps_peaks():
                                           fusion))
         assert peaked > 1.5 * base, (fusion, peaked, base)
     # RX per image: the map of image 0 ignores image 1.
-    one = losses._patch_rx(x)[0]
-    np.testing.assert_allclose(losses._patch_rx(x.at[1].multiply(3.0))[0], one,
+    one = losses.patch_rx(x)[0]
+    np.testing.assert_allclose(losses.patch_rx(x.at[1].multiply(3.0))[0], one,
                                rtol=1e-5)
     # Against a plain NumPy Mahalanobis distance (the ridge is negligible).
     c = np.asarray(x[0], np.float64).reshape(-1, 6)
