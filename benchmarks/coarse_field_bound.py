@@ -39,8 +39,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from fers_jax import (checkpoints, inference, input_pipeline,  # noqa: E402
-                      losses, metrics)
+from fers_jax import (checkpoints, detectors, inference,  # noqa: E402
+                      input_pipeline, losses, metrics)
 from fers_jax.models import layers  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -77,10 +77,6 @@ def _rx(z):
     return losses.patch_rx(z[None], ridge=1e-10)[0]
 
 
-def _unit(m):
-    return (m - m.min()) / (m.max() - m.min())
-
-
 def oracle_field(x, spe_f, gt, fusion, steps, lr=1e-3, tau=0.01, seed=0):
     """The pooled cells (levels 1, 2, 4) whose resized sum, added as spa_f,
     maximises a smooth AUC (mean sigmoid of anomaly-minus-background score
@@ -93,7 +89,7 @@ def oracle_field(x, spe_f, gt, fusion, steps, lr=1e-3, tau=0.01, seed=0):
     rng = np.random.default_rng(seed)
     anomalies = np.flatnonzero(flat)
     background = rng.choice(np.flatnonzero(~flat), min(4000, (~flat).sum()), False)
-    spe_map = _unit(_rx(x + spe_f))
+    spe_map = detectors.minmax(_rx(x + spe_f))
 
     def field(cells):
         return unit * sum(layers.resize_bilinear(c[None], (h, w))[0] for c in cells)
@@ -101,10 +97,10 @@ def oracle_field(x, spe_f, gt, fusion, steps, lr=1e-3, tau=0.01, seed=0):
     def fers(cells):
         if fusion == "sum":
             return _rx(z + field(cells))
-        return _unit(_rx(x + field(cells))) * spe_map
+        return detectors.minmax(_rx(x + field(cells))) * spe_map
 
     def loss(cells):
-        m = _unit(fers(cells))
+        m = detectors.minmax(fers(cells))
         gaps = m[background][:, None] - m[anomalies][None, :]
         return jnp.mean(jax.nn.sigmoid(gaps / tau))
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fers_jax.detectors import minmax
 from fers_jax.errors import InputError
 
 # torch.nn.functional.cosine_similarity's default.
@@ -224,14 +225,11 @@ def false_alarm(x, spe_f, spa_f, fusion: str, top: float = 0.01):
     1. The map is the detection's (sum: RX(x + spe_f + spa_f); product:
     the min-max scaled RX(x + spa_f) times RX(x + spe_f), the second
     without gradient), each image's RX on its own pixels."""
-    def unit(m):
-        lo, hi = m.min(1, keepdims=True), m.max(1, keepdims=True)
-        return (m - lo) / (hi - lo + 1e-12)
     if fusion == "sum":
         score = patch_rx(x + spe_f + spa_f)
     else:
-        score = unit(patch_rx(x + spa_f)) * jax.lax.stop_gradient(
-            unit(patch_rx(x + spe_f)))
+        score = minmax(patch_rx(x + spa_f), 1) * jax.lax.stop_gradient(
+            minmax(patch_rx(x + spe_f), 1))
     k = max(1, int(round(top * score.shape[1])))
     peaks = jax.lax.top_k(score, k)[0].mean(1)
     return jnp.mean(peaks / (score.mean(1) + 1e-12))
